@@ -1,0 +1,156 @@
+"""One Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM) in Flax NNX.
+
+The layers are stacked on a leading axis and run under `jax.lax.scan`, so the traced
+program (and its compile time) does not grow with depth. Attention reads and writes the
+paged KV pool `[num_layers, num_pages, page_size, num_kv_heads, head_dim]`; inside the scan
+the pool is viewed as one array of `num_layers * num_pages` pages (a free reshape) and the
+page table is offset by `layer * num_pages`, so no layer slice is ever copied.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from jaxserve.models.batch import ForwardBatch
+from jaxserve.models.config import ModelConfig
+
+_INIT = nnx.initializers.normal(0.02)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _linear(din, dout, bias, dtype, rngs):
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, kernel_init=_INIT, rngs=rngs)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half rotary embedding. x [T, H, D]; cos, sin [T, D // 2]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        hd = cfg.head_dim
+        self.q_proj = _linear(cfg.hidden_size, cfg.num_heads * hd, cfg.attention_bias, dtype, rngs)
+        self.k_proj = _linear(cfg.hidden_size, cfg.num_kv_heads * hd, cfg.attention_bias, dtype, rngs)
+        self.v_proj = _linear(cfg.hidden_size, cfg.num_kv_heads * hd, cfg.attention_bias, dtype, rngs)
+        self.o_proj = _linear(cfg.num_heads * hd, cfg.hidden_size, False, dtype, rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
+        self.cfg = cfg
+
+    def __call__(self, x, cos, sin, batch: ForwardBatch, k_pages, v_pages, page_offset, attn):
+        cfg = self.cfg
+        t = x.shape[0]
+        q = self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        page_size = k_pages.shape[1]
+        page = batch.slot_mapping // page_size + page_offset
+        row = batch.slot_mapping % page_size
+        k_pages = k_pages.at[page, row].set(k.astype(k_pages.dtype))
+        v_pages = v_pages.at[page, row].set(v.astype(v_pages.dtype))
+        out = pallas_kernels.ragged_paged_attention(
+            q, k_pages, v_pages, batch.kv_lens, batch.page_table + page_offset, batch.cu_q_lens,
+            batch.num_seqs, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window, **attn,
+        )
+        return self.o_proj(out.reshape(t, -1)), k_pages, v_pages
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, rngs)
+        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, rngs)
+        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = Attention(cfg, dtype, rngs)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, h, cos, sin, batch, k_pages, v_pages, page_offset, attn):
+        a, k_pages, v_pages = self.attn(self.input_norm(h), cos, sin, batch, k_pages, v_pages, page_offset, attn)
+        h = h + a
+        return h + self.mlp(self.post_norm(h)), k_pages, v_pages
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Decoder-only LM over a paged KV pool.
+
+    `attention_impl` / `interpret` pick the paged-attention backend (see `pallas_kernels`).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 attention_impl: str = "reference", interpret: bool = False):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.attention_impl = attention_impl
+        self.interpret = interpret
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
+                               embedding_init=_INIT, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs):
+            return DecoderLayer(cfg, dtype, rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+
+    def __call__(self, batch: ForwardBatch, k_cache, v_cache):
+        """Run a ragged batch; returns (final hidden [T, H], k_cache, v_cache).
+
+        k_cache, v_cache: [num_layers, num_pages, page_size, num_kv_heads, head_dim].
+        """
+        shape = k_cache.shape
+        num_layers, num_pages = shape[0], shape[1]
+        inv_freq = jnp.asarray(self.cfg.rope_inv_freq())  # [head_dim // 2]
+        freqs = batch.positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+        cos, sin = jnp.cos(freqs), jnp.sin(freqs)  # [T, head_dim // 2]
+        h = self.embed(batch.input_ids)
+        graphdef, layer_state = nnx.split(self.layers)
+        attn = {"impl": self.attention_impl, "interpret": self.interpret}
+
+        def body(carry, state):
+            h, k_pages, v_pages, layer = carry
+            h, k_pages, v_pages = nnx.merge(graphdef, state)(
+                h, cos, sin, batch, k_pages, v_pages, layer * num_pages, attn)
+            return (h, k_pages, v_pages, layer + 1), None
+
+        flat = (num_layers * num_pages, *shape[2:])
+        init = (h, k_cache.reshape(flat), v_cache.reshape(flat), jnp.int32(0))
+        (h, k_flat, v_flat, _), _ = jax.lax.scan(body, init, layer_state)
+        return self.norm(h), k_flat.reshape(shape), v_flat.reshape(shape)
+
+    def logits(self, hidden):
+        """Float32 logits [N, vocab] of final hidden states [N, H]."""
+        if self.cfg.tie_word_embeddings:
+            w = self.embed.embedding[...]
+            return jnp.einsum("nh,vh->nv", hidden, w, preferred_element_type=jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
