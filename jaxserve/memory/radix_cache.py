@@ -1,0 +1,421 @@
+"""Radix tree from token prefixes to KV pages (RadixAttention prefix sharing).
+
+Keys are token ids stored as the raw bytes of an int32 array, so comparing an edge is a
+``memcmp`` and a child lookup hashes one page worth of bytes. Only whole pages are
+cached: every edge holds a multiple of ``page_size`` tokens and one page index per
+``page_size`` tokens. Children are keyed by the bytes of their first page, which is
+unique among siblings because a shared first page would have been one edge.
+
+Page accounting. Every usable page (``1 .. num_pages - 1``) is in exactly one place:
+
+* free in the allocator (``free_pages``),
+* in the tree on a node whose lock count is 0 (``evictable_pages``),
+* in the tree on a locked node (``locked_pages``), or
+* private to a caller: allocated and not yet given to the tree by ``insert``, or a
+  duplicate that ``insert`` reported as already present and the caller has not freed yet.
+
+So ``free_pages + evictable_pages + locked_pages + private == total_pages`` always, and
+at idle (no request holds private pages) ``free + evictable + locked == total``.
+
+Protocol for a caller (the scheduler) serving one request::
+
+    prefix, node = cache.match_prefix(tokens[:-1])  # reuse all but >= 1 token
+    cache.lock(node)                                # before allocating anything else
+    own = allocator.alloc(pages_needed)             # private pages for the rest
+    ...                                             # prefill / decode into them
+    pages = np.concatenate([prefix, own])           # [ceil(kv_len / page_size)]
+    full = kv_len // page_size                      # kv_len: tokens whose KV is written
+    present = cache.insert(tokens[:kv_len], pages[:full])
+    allocator.free(pages[len(prefix) : present // page_size])  # cached meanwhile
+    allocator.free(pages[full:])                    # a partial tail page is not cached
+    cache.unlock(node)
+
+Pages from ``match_prefix`` belong to the cache: never free them. ``insert`` takes the
+caller's pages after ``present``; the caller's own pages before it duplicate pages that
+another request cached meanwhile, so the caller frees them. The same code works with
+:class:`NoRadixCache`, whose ``insert`` reports every whole page as present.
+
+Time for LRU is a counter bumped by every ``match_prefix`` and ``insert`` (not a wall
+clock), so eviction order is deterministic.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxserve.memory.allocator import PageAllocator
+
+__all__ = ["NoRadixCache", "NodeInfo", "RadixCache", "RadixNode", "token_key"]
+
+_TOKEN_BYTES = 4  # keys are int32 token ids
+_EMPTY_PAGES = np.zeros(0, dtype=np.int32)
+_EMPTY_PAGES.setflags(write=False)
+
+
+def token_key(tokens: np.ndarray | Sequence[int]) -> bytes:
+    """Token ids as the int32 bytes used for keys. An int32 numpy array is the fast path
+    (a 0.2 us copy); a list costs one ``struct.pack`` (~10 us per 2k tokens)."""
+    if isinstance(tokens, np.ndarray):
+        return tokens.astype(np.int32, copy=False).tobytes()
+    return struct.pack(f"{len(tokens)}i", *tokens)
+
+
+class RadixNode:
+    """One edge of the tree and the node below it. Callers treat it as an opaque handle
+    for ``lock`` / ``unlock``; a handle stays valid across splits (the handle keeps the
+    lower part of a split edge, so it always ends where it ended before)."""
+
+    __slots__ = ("id", "parent", "children", "key", "pages", "lock_ref", "last_access")
+
+    def __init__(self, node_id: int, parent: RadixNode | None, key: bytes, pages: np.ndarray,
+                 last_access: int) -> None:
+        self.id = node_id
+        self.parent = parent  # None for the root and for nodes evicted from the tree
+        self.children: dict[bytes, RadixNode] = {}
+        self.key = key  # int32 bytes of this edge's tokens, a whole number of pages
+        self.pages = pages  # [len(key) // page_bytes] int32
+        self.lock_ref = 0
+        self.last_access = last_access
+
+    def __repr__(self) -> str:
+        return f"RadixNode(id={self.id}, pages={len(self.pages)}, lock_ref={self.lock_ref})"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A row of :meth:`RadixCache.export`: one node, for printing and plotting."""
+
+    id: int
+    parent_id: int | None  # None for the root
+    start_token: int  # tokens from the root to the start of this edge
+    num_tokens: int
+    num_pages: int
+    lock_ref: int
+    last_access: int
+    head_tokens: tuple[int, ...]  # the first few tokens of the edge
+
+
+class RadixCache:
+    """Radix tree of cached prefixes whose values are KV page indices (see module doc)."""
+
+    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.allocator = allocator
+        self.page_size = int(page_size)
+        self._page_bytes = self.page_size * _TOKEN_BYTES
+        self._ids = itertools.count()
+        self._clock = 0
+        self._root = RadixNode(next(self._ids), None, b"", _EMPTY_PAGES, 0)
+        self._nodes: dict[int, RadixNode] = {}  # every node but the root, by id
+        self._evictable_pages = 0
+        self._locked_pages = 0
+        self.hit_tokens = 0
+        self.miss_tokens = 0
+
+    # ----------------------------------------------------------------- lookup / insert
+
+    def match_prefix(self, tokens: np.ndarray | Sequence[int]) -> tuple[np.ndarray, RadixNode]:
+        """Longest cached prefix of ``tokens`` in whole pages.
+
+        Returns ``(pages, node)``: ``pages`` is ``int32[k]`` for the first
+        ``k * page_size`` tokens, ``node`` the handle to ``lock`` (the root when nothing
+        matched). Splits an edge when the match ends inside it, refreshes the LRU time of
+        the matched path and counts hit / miss tokens. Pass only the tokens you are
+        willing to reuse (e.g. all but the last, so at least one is computed).
+        """
+        key = token_key(tokens)
+        self._clock += 1
+        node, matched = self._descend(key, split=True)
+        path: list[np.ndarray] = []
+        walk = node
+        while walk is not self._root:
+            walk.last_access = self._clock
+            path.append(walk.pages)
+            walk = walk.parent  # type: ignore[assignment]
+        num_tokens = len(key) // _TOKEN_BYTES
+        hit = matched // _TOKEN_BYTES
+        self.hit_tokens += hit
+        self.miss_tokens += num_tokens - hit
+        if not path:
+            return _EMPTY_PAGES, node
+        if len(path) == 1:
+            return path[0], node
+        return np.concatenate(path[::-1]), node
+
+    def peek_prefix(self, tokens: np.ndarray | Sequence[int]) -> int:
+        """Number of leading tokens of ``tokens`` that are cached. Read-only: no split, no
+        LRU refresh, no hit counting (for scheduling policies that rank requests)."""
+        _, matched = self._descend(token_key(tokens), split=False)
+        return matched // _TOKEN_BYTES
+
+    def insert(self, tokens: np.ndarray | Sequence[int], pages: np.ndarray | Sequence[int]) -> int:
+        """Cache the whole pages of ``tokens`` (``len(pages) == len(tokens) // page_size``;
+        a partial tail page is ignored). Returns how many leading tokens were already
+        cached: the cache keeps its own pages there, so the caller frees its duplicates in
+        that range; the caller's pages after it now belong to the cache."""
+        return self.insert_with_node(tokens, pages)[0]
+
+    def insert_with_node(self, tokens: np.ndarray | Sequence[int],
+                         pages: np.ndarray | Sequence[int]) -> tuple[int, RadixNode]:
+        """:meth:`insert` that also returns the node ending at the last whole page (the
+        root when ``tokens`` is shorter than a page), e.g. to lock it for chunked
+        prefill."""
+        key = token_key(tokens)
+        pages = self._check_pages(len(key) // _TOKEN_BYTES, pages)  # [num_full]
+        key = key[: len(pages) * self._page_bytes]
+        self._clock += 1
+        node, pos = self._descend(key, split=True)
+        walk = node
+        while walk is not self._root:
+            walk.last_access = self._clock
+            walk = walk.parent  # type: ignore[assignment]
+        if pos < len(key):
+            own = pages[pos // self._page_bytes :].copy()  # [num_full - pos / page_bytes]
+            own.setflags(write=False)  # match_prefix hands out views of it
+            leaf = RadixNode(next(self._ids), node, key[pos:], own, self._clock)
+            node.children[key[pos : pos + self._page_bytes]] = leaf
+            self._nodes[leaf.id] = leaf
+            self._evictable_pages += len(leaf.pages)
+            node = leaf
+        return pos // _TOKEN_BYTES, node
+
+    def _check_pages(self, num_tokens: int, pages: np.ndarray | Sequence[int]) -> np.ndarray:
+        pages = np.asarray(pages, dtype=np.int32).reshape(-1)
+        if len(pages) != num_tokens // self.page_size:
+            raise ValueError(f"insert got {len(pages)} pages for {num_tokens} tokens; expected "
+                             f"len(tokens) // page_size = {num_tokens // self.page_size}")
+        return pages
+
+    def _descend(self, key: bytes, split: bool) -> tuple[RadixNode, int]:
+        """Walk down along ``key`` (cut to whole pages). Returns the deepest node whose
+        path is a prefix of ``key`` and the matched length in bytes. With ``split``, an
+        edge the match ends inside is split so that the returned node ends exactly at
+        the match; without, the partial edge's matched pages are counted but not split."""
+        pb = self._page_bytes
+        end = len(key) - len(key) % pb
+        node = self._root
+        pos = 0
+        while pos < end:
+            child = node.children.get(key[pos : pos + pb])
+            if child is None:
+                break
+            edge = child.key
+            if key.startswith(edge, pos):
+                node = child
+                pos += len(edge)
+                continue
+            common = self._common_pages(edge, key, pos) * pb  # >= 1 page: the first matched
+            if split:
+                node = self._split(child, common)
+            pos += common
+            break
+        return node, pos
+
+    def _common_pages(self, edge: bytes, key: bytes, pos: int) -> int:
+        """Whole pages shared by ``edge`` and ``key[pos:]`` (only called on a mismatch)."""
+        n = min(len(edge), len(key) - pos) // _TOKEN_BYTES
+        a = np.frombuffer(edge, dtype=np.int32, count=n)
+        b = np.frombuffer(key, dtype=np.int32, count=n, offset=pos)
+        diff = np.flatnonzero(a != b)
+        first = int(diff[0]) if diff.size else n
+        return first // self.page_size
+
+    def _split(self, child: RadixNode, at: int) -> RadixNode:
+        """Split ``child``'s edge after ``at`` bytes (a page boundary); the new upper node
+        is returned and ``child`` keeps the lower part, so handles to it stay valid."""
+        pb = self._page_bytes
+        parent = child.parent
+        assert parent is not None
+        upper = RadixNode(next(self._ids), parent, child.key[:at], child.pages[: at // pb],
+                          child.last_access)
+        upper.lock_ref = child.lock_ref  # every lock covering child covers its prefix
+        parent.children[child.key[:pb]] = upper
+        child.key = child.key[at:]
+        child.pages = child.pages[at // pb :]
+        child.parent = upper
+        upper.children[child.key[:pb]] = child
+        self._nodes[upper.id] = upper
+        return upper
+
+    # ----------------------------------------------------------------- locks / eviction
+
+    def lock(self, node: RadixNode) -> None:
+        """Pin ``node`` and its ancestors: their pages are never evicted until unlocked.
+        Locks are counted, so several requests may lock the same path."""
+        self._check_live(node)
+        while node is not self._root:
+            if node.lock_ref == 0:
+                self._evictable_pages -= len(node.pages)
+                self._locked_pages += len(node.pages)
+            node.lock_ref += 1
+            node = node.parent  # type: ignore[assignment]
+
+    def unlock(self, node: RadixNode) -> None:
+        """Undo one :meth:`lock` of ``node``."""
+        self._check_live(node)
+        walk = node
+        while walk is not self._root:  # validate first so a bad unlock changes nothing
+            if walk.lock_ref <= 0:
+                raise RuntimeError(f"unlock of {node!r} which is not locked")
+            walk = walk.parent  # type: ignore[assignment]
+        while node is not self._root:
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self._locked_pages -= len(node.pages)
+                self._evictable_pages += len(node.pages)
+            node = node.parent  # type: ignore[assignment]
+
+    def _check_live(self, node: RadixNode) -> None:
+        if node is not self._root and self._nodes.get(node.id) is not node:
+            raise RuntimeError(f"{node!r} is not in this cache (evicted, flushed, or foreign)")
+
+    def evict(self, num_pages: int) -> int:
+        """Free at least ``num_pages`` pages (fewer only if not enough are evictable),
+        least recently used unlocked leaves first. Whole nodes are evicted, so it may
+        free more. Returns the number of pages given back to the allocator."""
+        if num_pages <= 0:
+            return 0
+        heap = [(n.last_access, n.id, n) for n in self._nodes.values()
+                if not n.children and n.lock_ref == 0]
+        heapq.heapify(heap)
+        freed: list[np.ndarray] = []
+        num_freed = 0
+        while num_freed < num_pages and heap:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            assert parent is not None
+            del parent.children[node.key[: self._page_bytes]]
+            del self._nodes[node.id]
+            node.parent = None
+            freed.append(node.pages)
+            num_freed += len(node.pages)
+            # A parent's last access is >= its children's, so pops stay in LRU order.
+            if parent is not self._root and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, (parent.last_access, parent.id, parent))
+        if freed:
+            self.allocator.free(np.concatenate(freed))
+        self._evictable_pages -= num_freed
+        return num_freed
+
+    def flush(self) -> int:
+        """Evict everything that is not locked. Returns the number of pages freed."""
+        return self.evict(self._evictable_pages)
+
+    # ----------------------------------------------------------------- accounting
+
+    @property
+    def free_pages(self) -> int:
+        """Pages free in the allocator."""
+        return self.allocator.num_free
+
+    @property
+    def evictable_pages(self) -> int:
+        """Pages in the tree on unlocked nodes."""
+        return self._evictable_pages
+
+    @property
+    def locked_pages(self) -> int:
+        """Pages in the tree on locked nodes (a node is locked while any request on a
+        path through it holds a lock)."""
+        return self._locked_pages
+
+    @property
+    def total_pages(self) -> int:
+        """Usable pages of the pool (all but the dummy page 0)."""
+        return self.allocator.num_pages - 1
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes in the tree, not counting the root."""
+        return len(self._nodes)
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of tokens passed to ``match_prefix`` that were found cached."""
+        total = self.hit_tokens + self.miss_tokens
+        return self.hit_tokens / total if total else 0.0
+
+    def stats(self) -> dict[str, float]:
+        """Counters for logs and ``/metrics``."""
+        return {
+            "hit_tokens": self.hit_tokens,
+            "miss_tokens": self.miss_tokens,
+            "hit_rate": self.hit_rate,
+            "free_pages": self.free_pages,
+            "evictable_pages": self.evictable_pages,
+            "locked_pages": self.locked_pages,
+            "total_pages": self.total_pages,
+            "num_nodes": self.num_nodes,
+        }
+
+    # ----------------------------------------------------------------- inspection
+
+    def export(self, head: int = 8) -> list[NodeInfo]:
+        """All nodes, the root first, in depth-first order (children by id), with the
+        first ``head`` tokens of each edge."""
+        rows: list[NodeInfo] = []
+        stack: list[tuple[RadixNode, int]] = [(self._root, 0)]
+        while stack:
+            node, start = stack.pop()
+            num_tokens = len(node.key) // _TOKEN_BYTES
+            rows.append(NodeInfo(
+                id=node.id,
+                parent_id=node.parent.id if node.parent is not None else None,
+                start_token=start,
+                num_tokens=num_tokens,
+                num_pages=len(node.pages),
+                lock_ref=node.lock_ref,
+                last_access=node.last_access,
+                head_tokens=tuple(np.frombuffer(node.key[: head * _TOKEN_BYTES], np.int32).tolist()),
+            ))
+            children = sorted(node.children.values(), key=lambda c: c.id, reverse=True)
+            stack.extend((c, start + num_tokens) for c in children)
+        return rows
+
+    def pretty(self, max_nodes: int = 200) -> str:
+        """Text rendering of the tree, one node per line, at most ``max_nodes`` nodes."""
+        rows = self.export()
+        depth = {rows[0].id: 0}
+        lines = [
+            f"root: {self.free_pages} free + {self.evictable_pages} evictable + "
+            f"{self.locked_pages} locked of {self.total_pages} pages (page_size {self.page_size})"
+        ]
+        for row in rows[1 : max_nodes + 1]:
+            d = depth[row.id] = depth[row.parent_id] + 1  # type: ignore[index]
+            head = ", ".join(map(str, row.head_tokens))
+            more = ", ..." if row.num_tokens > len(row.head_tokens) else ""
+            lock = f" locked x{row.lock_ref}" if row.lock_ref else ""
+            lines.append(f"{'  ' * d}#{row.id} [{head}{more}] {row.num_tokens} tok, "
+                         f"{row.num_pages} pg, t={row.last_access}{lock}")
+        if len(rows) - 1 > max_nodes:
+            lines.append(f"... {len(rows) - 1 - max_nodes} more nodes")
+        return "\n".join(lines)
+
+
+class NoRadixCache(RadixCache):
+    """``--disable-radix-cache``: the same interface over a tree that stays empty.
+
+    ``match_prefix`` never matches (and counts every token as a miss); ``insert`` keeps
+    nothing and reports every whole page as already present, so the caller's usual
+    "free my pages in ``[len(matched), present // page_size)``" frees all of them. The
+    node handed out is the root, for which ``lock`` / ``unlock`` are no-ops; ``evict``
+    and ``flush`` free nothing. At idle ``free_pages == total_pages``.
+    """
+
+    def match_prefix(self, tokens: np.ndarray | Sequence[int]) -> tuple[np.ndarray, RadixNode]:
+        self.miss_tokens += len(tokens)
+        return _EMPTY_PAGES, self._root
+
+    def peek_prefix(self, tokens: np.ndarray | Sequence[int]) -> int:
+        return 0
+
+    def insert_with_node(self, tokens: np.ndarray | Sequence[int],
+                         pages: np.ndarray | Sequence[int]) -> tuple[int, RadixNode]:
+        return len(self._check_pages(len(tokens), pages)) * self.page_size, self._root
