@@ -51,6 +51,8 @@ class ModelConfig:
                 f"unsupported architecture {archs or hf.get('model_type')!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        if hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError("only SiLU-gated MLPs without bias are supported")
         heads = hf["num_attention_heads"]
         sliding = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "MistralForCausalLM") else None
         return cls(

@@ -39,11 +39,9 @@ def read_source(path: Path) -> tuple[dict, dict | None]:
     """(HF config dict, HF tensors or None for a converted orbax checkpoint)."""
     if path.suffix == ".gguf":
         return gguf_file.read_gguf(path)
-    if checkpoint.is_converted(path):
-        import json
-
-        return json.loads((path / "config.json").read_text()), None
-    return hf.read_hf_dir(path)
+    config = hf.read_hf_config(path)
+    ModelConfig.from_hf(config)  # an unsupported architecture fails before any tensor is read
+    return config, None if checkpoint.is_converted(path) else hf.read_hf_tensors(path)
 
 
 @dataclasses.dataclass

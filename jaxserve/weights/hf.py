@@ -38,17 +38,21 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json dict, {HF tensor name: array}) of a HF model directory."""
-    path = Path(path)
-    config_file = path / "config.json"
+def read_hf_config(path: str | Path) -> dict:
+    """The config.json dict of a HF model directory."""
+    config_file = Path(path) / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path} has no config.json; expected a HF model directory")
-    config = json.loads(config_file.read_text())
+    return json.loads(config_file.read_text())
+
+
+def read_hf_tensors(path: str | Path) -> dict[str, np.ndarray]:
+    """{HF tensor name: array} of all *.safetensors files of a HF model directory."""
+    path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors files (only safetensors weights are supported)")
     tensors: dict[str, np.ndarray] = {}
     for file in files:
         tensors.update(read_safetensors(file))
-    return config, tensors
+    return tensors
