@@ -14,7 +14,8 @@ cu_q_lens[num_seqs] are padding; their outputs are zero.
 
 The reference walks the KV pages in blocks with an online softmax, so memory stays
 bounded (tokens x block) and the work is proportional to tokens x context. It is
-also the attention backend on CPU.
+also the attention backend on CPU. The math lives in `common.py`, shared with the
+kernels; the decode reference is in `decode_reference.py`.
 """
 
 from __future__ import annotations
@@ -22,54 +23,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-DEFAULT_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens):
-    """Per-token sequence id, absolute position and validity of a ragged batch.
-
-    Returns (seq_ids [T] int32, positions [T] int32, valid [T] bool).
-    """
-    num_seqs = jnp.reshape(num_seqs, ()).astype(jnp.int32)
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq_ids = jnp.searchsorted(cu_q_lens[1:], t, side="right").astype(jnp.int32)
-    seq_ids = jnp.minimum(seq_ids, kv_lens.shape[0] - 1)
-    valid = (t < cu_q_lens[num_seqs]) & (seq_ids < num_seqs)
-    q_lens = cu_q_lens[seq_ids + 1] - cu_q_lens[seq_ids]
-    positions = kv_lens[seq_ids] - q_lens + (t - cu_q_lens[seq_ids])
-    return seq_ids, positions, valid
-
-
-def attention_mask(q_pos, k_pos, kv_len, sliding_window=None):
-    """Causal (and optional sliding-window) mask; broadcasting over any leading axes."""
-    mask = (k_pos <= q_pos) & (k_pos < kv_len)
-    if sliding_window is not None:
-        mask &= k_pos > q_pos - sliding_window
-    return mask
-
-
-def apply_soft_cap(scores, soft_cap):
-    if soft_cap is None:
-        return scores
-    return soft_cap * jnp.tanh(scores / soft_cap)
-
-
-def online_softmax_update(m, l, acc, scores, v):
-    """One block of flash attention. scores [..., Q, K] (masked, fp32), v [..., K, D].
-
-    m, l: [..., Q] running max and normaliser; acc: [..., Q, D] unnormalised output.
-    """
-    m_new = jnp.maximum(m, scores.max(axis=-1))
-    p = jnp.exp(scores - m_new[..., None])
-    alpha = jnp.exp(m - m_new)
-    l_new = alpha * l + p.sum(axis=-1)
-    acc_new = alpha[..., None] * acc + jnp.einsum("...qk,...kd->...qd", p, v.astype(jnp.float32))
-    return m_new, l_new, acc_new
-
-
-def finalize(l, acc):
-    """Normalise the accumulator; rows that saw no key give zero."""
-    return jnp.where(l[..., None] > 0, acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
+# Re-exported so that `from pallas_kernels.reference import ...` keeps working.
+from pallas_kernels.common import (  # noqa: F401
+    DEFAULT_MASK_VALUE,
+    apply_soft_cap,
+    attention_mask,
+    attention_scores,
+    finalize,
+    init_softmax_state,
+    online_softmax_update,
+    token_layout,
+)
 
 
 def ragged_paged_attention(
@@ -101,35 +65,21 @@ def ragged_paged_attention(
     seq_ids, q_pos, valid = token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens)
     kv_len = jnp.where(valid, kv_lens[seq_ids], 0)  # [T]
     # [T, Hkv, group, D]: the query heads that share a KV head sit together.
-    qg = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv_heads, group, head_dim)
+    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
     block_len = pages_per_block * page_size
 
     def body(b, carry):
-        m, l, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(page_table, b * pages_per_block, pages_per_block, 1)
         pages = pages[seq_ids]  # [T, pages_per_block]
-        k = k_pages[pages].reshape(num_tokens, block_len, num_kv_heads, head_dim)
-        v = v_pages[pages].reshape(num_tokens, block_len, num_kv_heads, head_dim)
-        scores = jnp.einsum("thgd,tkhd->thgk", qg, k.astype(jnp.float32))
-        scores = apply_soft_cap(scores, soft_cap)
+        # [T, Hkv, block_len, D]
+        k = k_pages[pages].reshape(num_tokens, block_len, num_kv_heads, head_dim).transpose(0, 2, 1, 3)
+        v = v_pages[pages].reshape(num_tokens, block_len, num_kv_heads, head_dim).transpose(0, 2, 1, 3)
+        scores = attention_scores(qg, k.astype(jnp.float32), sm_scale, soft_cap)  # [T, Hkv, group, K]
         k_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)
         mask = attention_mask(q_pos[:, None], k_pos[None, :], kv_len[:, None], sliding_window)
-        scores = jnp.where(mask[:, None, None, :], scores, DEFAULT_MASK_VALUE)
-        m_new, l_new, acc_new = online_softmax_update(m, l, acc, scores, v.transpose(0, 2, 1, 3))
-        # Blocks entirely masked for a row must not contribute exp(0)=1 terms.
-        any_key = mask.any(axis=-1)[:, None, None]
-        return (
-            jnp.where(any_key, m_new, m),
-            jnp.where(any_key, l_new, l),
-            jnp.where(any_key[..., None], acc_new, acc),
-        )
+        return online_softmax_update(*carry, scores, mask[:, None, None, :], v.astype(jnp.float32))
 
-    shape = (num_tokens, num_kv_heads, group)
-    init = (
-        jnp.full(shape, DEFAULT_MASK_VALUE, jnp.float32),
-        jnp.zeros(shape, jnp.float32),
-        jnp.zeros((*shape, head_dim), jnp.float32),
-    )
+    init = init_softmax_state((num_tokens, num_kv_heads, group), head_dim)
     # Only walk as many blocks as the longest sequence in the batch needs.
     used_blocks = -(-jnp.max(kv_len) // block_len)
     _, l, acc = jax.lax.fori_loop(0, used_blocks, body, init)
