@@ -1,0 +1,49 @@
+"""Tensor parallelism on 4 virtual CPU devices: same logits, really sharded params and KV."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxserve.models import ForwardBatch, load
+from tests.hf_models import save_tiny_model
+
+IDS = np.random.default_rng(5).integers(3, 256, size=19)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tp")
+    # 4 heads, 4 KV heads, vocab 256, MLP 128: every axis splits over 2 and 4 devices
+    save_tiny_model("qwen2", path, seed=3, num_key_value_heads=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tp1_logits(model_dir):
+    return load(model_dir, dtype="float32", with_tokenizer=False).logits(IDS)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_matches_single_device(model_dir, tp1_logits, tp):
+    assert len(jax.devices()) >= 4, "conftest sets --xla_force_host_platform_device_count=4"
+    model = load(model_dir, dtype="float32", tp_size=tp, page_size=4, with_tokenizer=False)
+    params = model.param_tree
+    for arr, axis in [(params["layers"]["attn"]["q_proj"]["kernel"], 2),
+                      (params["layers"]["mlp"]["down_proj"]["kernel"], 1),
+                      (params["embed"]["embedding"], 0)]:
+        assert len(arr.sharding.device_set) == tp
+        assert arr.addressable_shards[0].data.shape[axis] == arr.shape[axis] // tp
+    k, v = model.new_kv_cache(16)
+    assert k.addressable_shards[0].data.shape[3] == k.shape[3] // tp
+    batch = ForwardBatch.build([(IDS, 0, np.arange(1, 6)[::-1] * 3)], 4)
+    logits, k, v = model.forward(batch, k, v)
+    np.testing.assert_allclose(np.asarray(logits), tp1_logits, rtol=1e-5, atol=1e-5)
+    assert k.addressable_shards[0].data.shape[3] == k.shape[3] // tp  # stays sharded through the step
+
+
+def test_kv_replicated_when_heads_do_not_divide(tmp_path, caplog):
+    save_tiny_model("llama_tied", tmp_path, seed=4)  # 1 KV head
+    model = load(tmp_path, dtype="float32", tp_size=2, with_tokenizer=False)
+    with caplog.at_level("INFO"):
+        k, _ = model.new_kv_cache(4)
+    assert k.sharding.is_fully_replicated and "replicated" in caplog.text
