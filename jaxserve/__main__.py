@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     convert = sub.add_parser("convert", help="convert a HF dir or GGUF file to an orbax checkpoint dir")
     for p in (serve, convert):
         p.add_argument("--model-path", default=None, help="HF dir, .gguf file or converted dir (default: bundled SmolLM2)")
-        p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--tp-size", type=int, default=1)
     serve.add_argument("--page-size", type=int, default=16)
     serve.add_argument("--prompt", default="What is the capital of France?")

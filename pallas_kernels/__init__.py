@@ -1,27 +1,21 @@
 """Paged-attention kernels behind one API, each with a pure-jnp reference.
 
-See `reference.py` for the KV page layout and the ragged-batch conventions.
+`ragged_paged_attention` (prefill, extend and decode in one ragged batch) and
+`paged_decode` (decode only, split-K), each with impl "auto" | "reference" |
+"triton" (GPU) | "tpu" | "pallas"; see `dispatch.py`. The KV page layout and the
+ragged-batch conventions are documented in `reference.py`; the math shared by all
+implementations is in `common.py`.
 """
 
+from pallas_kernels.decode_reference import paged_decode as paged_decode_reference
+from pallas_kernels.dispatch import IMPLS, paged_decode, ragged_paged_attention, resolve_impl
 from pallas_kernels.reference import ragged_paged_attention as ragged_paged_attention_reference
 
-
-def ragged_paged_attention(
-    q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
-    sm_scale, soft_cap=None, sliding_window=None, impl="auto", interpret=False,
-):
-    """Attention of a ragged batch (prefill, extend and decode mixed) over paged KV.
-
-    q [T, Hq, D]; k_pages, v_pages [num_pages, page_size, Hkv, D]; kv_lens [max_seqs];
-    page_table [max_seqs, pages_per_seq]; cu_q_lens [max_seqs + 1]; num_seqs [1].
-    Returns [T, Hq, D]; padded tokens give zeros.
-    """
-    if impl not in ("auto", "reference"):
-        raise ValueError(f"unknown attention impl {impl!r}; expected 'auto' or 'reference'")
-    return ragged_paged_attention_reference(
-        q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-        sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-    )
-
-
-__all__ = ["ragged_paged_attention", "ragged_paged_attention_reference"]
+__all__ = [
+    "IMPLS",
+    "paged_decode",
+    "paged_decode_reference",
+    "ragged_paged_attention",
+    "ragged_paged_attention_reference",
+    "resolve_impl",
+]

@@ -45,6 +45,16 @@ def kv_range(first_q_pos, last_q_pos, kv_len, sliding_window=None):
     return lo, hi
 
 
+def block_range(lo, hi, block):
+    """Indices [first, last) of the `block`-sized key blocks covering [lo, hi) (lo, hi >= 0).
+
+    Uses truncating lax.div: jnp's floor division lowers through `sign`, which the
+    Mosaic lowering cannot lower without a TPU attached (it queries the chip).
+    """
+    first = jax.lax.div(lo, block)
+    return first, jnp.maximum(first, jax.lax.div(hi + block - 1, block))
+
+
 def apply_soft_cap(scores, soft_cap):
     if soft_cap is None:
         return scores

@@ -20,6 +20,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import (
     attention_mask,
     attention_scores,
+    block_range,
     combine_splits,
     init_softmax_state,
     kv_range,
@@ -63,8 +64,7 @@ def _decode_kernel(
                 & in_split[None, :] & row_ok[:, None])
         return online_softmax_update(*carry, scores, mask, v)
 
-    first = start // block_kv
-    last = jnp.maximum(first, (end + block_kv - 1) // block_kv)
+    first, last = block_range(start, end, block_kv)
     m, l, acc = jax.lax.fori_loop(first, last, body, init_softmax_state((rows,), head_dim))
     m_ref[...] = m
     l_ref[...] = l

@@ -21,6 +21,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import (
     attention_mask,
     attention_scores,
+    block_range,
     finalize,
     init_softmax_state,
     kv_range,
@@ -74,8 +75,7 @@ def _ragged_kernel(
         mask = attention_mask(q_pos[:, None], k_pos[None, :], kv_len, sliding_window) & row_ok[:, None]
         return online_softmax_update(*carry, scores, mask, v)
 
-    first = lo // block_kv
-    last = jnp.maximum(first, (hi + block_kv - 1) // block_kv)
+    first, last = block_range(lo, hi, block_kv)
     _, l, acc = jax.lax.fori_loop(first, last, body, init_softmax_state((rows,), head_dim))
     plgpu.store(o_ref.at[q_index], finalize(l, acc).astype(o_ref.dtype), mask=row_mask)
 

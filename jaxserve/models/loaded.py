@@ -116,8 +116,10 @@ def load(model_path: str | Path | None = None, *, dtype: str = "bfloat16", tp_si
          page_size: int = 16, attention_backend: str = "auto", interpret: bool = False,
          chat_template: str | None = None, with_tokenizer: bool = True) -> LoadedModel:
     """Load a HF directory, a GGUF file or a converted checkpoint onto a `tp_size` mesh."""
+    if dtype == "auto":  # bfloat16 on accelerators; float32 on CPU, where bf16 is slow and lossy
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     start = time.perf_counter()
     path = resolve_model_path(model_path)
     hf_config, tensors = read_source(path)
