@@ -1,0 +1,84 @@
+"""ServerArgs: every knob of the engine and server, with SGLang's flag names and validation."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+
+class ServerArgsError(ValueError):
+    """A flag value the engine cannot run with; the message names the flag and the fix."""
+
+
+@dataclasses.dataclass
+class ServerArgs:
+    model_path: str | None = None  # HF dir, .gguf, converted dir; None = bundled SmolLM2
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU/TPU
+    tp_size: int = 1
+    page_size: int = 16
+    max_total_tokens: int | None = None  # KV pool size in tokens; default from mem_fraction_static
+    mem_fraction_static: float = 0.85
+    max_running_requests: int = 32
+    chunked_prefill_size: int = 256  # longest prefill chunk of one request; -1 disables chunking
+    max_prefill_tokens: int = 512  # token budget of one step (prefill chunks + decode tokens)
+    schedule_policy: str = "fcfs"  # fcfs | lpm
+    disable_radix_cache: bool = False
+    context_length: int | None = None  # default: the model's max_position_embeddings
+    attention_backend: str = "auto"  # auto | reference | pallas | triton | tpu
+    compilation_cache_dir: str | None = None
+    chat_template: str | None = None
+    random_seed: int = 0
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    session_timeout: float = 600.0
+    served_model_name: str | None = None
+    log_level: str = "info"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ServerArgsError(message)
+
+        need(self.page_size >= 1, f"--page-size must be >= 1, got {self.page_size}")
+        need(self.tp_size >= 1, f"--tp-size must be >= 1, got {self.tp_size}")
+        need(self.max_running_requests >= 1, "--max-running-requests must be >= 1")
+        need(self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 1,
+             "--chunked-prefill-size must be >= 1, or -1 to disable chunking")
+        need(self.max_prefill_tokens >= 1, "--max-prefill-tokens must be >= 1")
+        need(0.0 < self.mem_fraction_static <= 1.0, "--mem-fraction-static must be in (0, 1]")
+        need(self.max_total_tokens is None or self.max_total_tokens >= self.page_size,
+             "--max-total-tokens must hold at least one page")
+        need(self.schedule_policy in ("fcfs", "lpm"), f"--schedule-policy must be fcfs or lpm, got {self.schedule_policy!r}")
+        need(self.attention_backend in ("auto", "reference", "pallas", "triton", "tpu"),
+             f"--attention-backend must be auto, reference, pallas, triton or tpu, got {self.attention_backend!r}")
+        need(self.context_length is None or self.context_length >= 2, "--context-length must be >= 2")
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """One `--flag-name` per field, typed from the annotation."""
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            flag = "--" + field.name.replace("_", "-")
+            hint = hints[field.name]
+            if hint is bool:
+                parser.add_argument(flag, action="store_true", default=field.default)
+                continue
+            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            parser.add_argument(flag, type=base, default=field.default)
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> "ServerArgs":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "ServerArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ServerArgsError(f"unknown server args {unknown}; valid: {', '.join(sorted(names))}")
+        return cls(**kwargs)
