@@ -235,3 +235,137 @@ TestRadixAgainstModelPage1 = RadixModelMachine.TestCase
 TestRadixAgainstModelPage1.settings = _settings
 TestRadixAgainstModelPage16 = RadixModelPage16.TestCase
 TestRadixAgainstModelPage16.settings = _settings
+
+
+# ---------------------------------------------------------------- hand-built scenarios
+
+
+def cache_with(page_size: int = 1, num_pages: int = 64) -> RadixCache:
+    return RadixCache(PageAllocator(num_pages), page_size)
+
+
+def put(cache: RadixCache, tokens: list[int]) -> np.ndarray:
+    """Insert ``tokens`` with fresh pages, freeing duplicates like a caller would."""
+    pages = cache.allocator.alloc(len(tokens) // cache.page_size)
+    present = cache.insert(tokens, pages)
+    cache.allocator.free(pages[: present // cache.page_size])
+    return pages
+
+
+def test_eviction_is_lru_by_last_access_and_parents_follow_children():
+    cache = cache_with()
+    put(cache, [1, 2, 3, 4])  # t=1
+    put(cache, [1, 2, 5, 6])  # t=2, splits [1, 2] off
+    put(cache, [9])  # t=3
+    cache.match_prefix([1, 2, 5, 6])  # t=4: [1, 2] and [5, 6] are now the newest
+    cache.match_prefix([8])  # t=5, misses: changes nothing
+    assert [cache.peek_prefix(t) for t in ([1, 2, 3, 4], [1, 2, 5, 6], [9])] == [4, 4, 1]
+
+    assert cache.evict(1) == 2  # the whole [3, 4] leaf, the oldest
+    assert [cache.peek_prefix(t) for t in ([1, 2, 3, 4], [1, 2, 5, 6], [9])] == [2, 4, 1]
+    assert cache.evict(1) == 1  # [9] (t=3) before [5, 6] (t=4)
+    assert cache.peek_prefix([9]) == 0
+    assert cache.evict(1) == 2  # [5, 6]; [1, 2] becomes a leaf but 2 >= 1 pages suffice
+    assert cache.peek_prefix([1, 2, 5, 6]) == 2
+    assert cache.evict(5) == 2  # the parent [1, 2] goes last
+    assert cache.evictable_pages == 0 and cache.free_pages == cache.total_pages
+
+
+def test_locked_path_survives_evict_and_flush_until_unlocked():
+    cache = cache_with(page_size=2)
+    put(cache, [1, 1, 2, 2, 3, 3])
+    put(cache, [1, 1, 4, 4])
+    pages, node = cache.match_prefix([1, 1, 2, 2, 3])  # ends mid page: 2 pages match
+    assert len(pages) == 2
+    cache.lock(node)
+    assert (cache.locked_pages, cache.evictable_pages) == (2, 2)  # [3,3] and [4,4] evictable
+    assert cache.evict(100) == 2 and cache.flush() == 0
+    assert cache.peek_prefix([1, 1, 2, 2, 3, 3]) == 4
+    cache.lock(node)  # locks are counted
+    cache.unlock(node)
+    assert cache.flush() == 0
+    cache.unlock(node)
+    assert cache.flush() == 2
+    assert cache.free_pages == cache.total_pages
+    with pytest.raises(RuntimeError, match="not in this cache"):
+        cache.lock(node)
+
+
+def test_handle_stays_valid_when_its_edge_is_split():
+    cache = cache_with(page_size=4)
+    put(cache, list(range(16)))
+    pages, node = cache.match_prefix(list(range(16)))
+    cache.lock(node)
+    short, upper = cache.match_prefix(list(range(8)))  # splits the locked edge
+    assert short.tolist() == pages[:2].tolist() and upper is not node
+    assert cache.locked_pages == 4
+    cache.unlock(node)
+    assert (cache.locked_pages, cache.evictable_pages) == (0, 4)
+    with pytest.raises(RuntimeError, match="not locked"):
+        cache.unlock(node)
+
+
+def test_insert_reports_present_prefix_and_returns_last_node():
+    cache = cache_with(page_size=2)
+    first = put(cache, [5, 5, 6, 6, 7])  # tail token 7 ignored
+    assert len(first) == 2 and cache.peek_prefix([5, 5, 6, 6, 7, 7]) == 4
+    own = cache.allocator.alloc(3)
+    present, node = cache.insert_with_node([5, 5, 6, 6, 8, 8], own)
+    assert present == 4
+    cache.allocator.free(own[:2])
+    pages, matched = cache.match_prefix([5, 5, 6, 6, 8, 8])
+    assert matched is node and pages.tolist() == [*first.tolist(), own[2]]
+    assert cache.insert([5], []) == 0  # shorter than a page: nothing to cache
+    with pytest.raises(ValueError, match="expected len\\(tokens\\) // page_size = 2"):
+        cache.insert([1, 2, 3, 4], [1])
+
+
+def test_hit_rate_counts_tokens_passed_to_match():
+    cache = cache_with(page_size=2)
+    put(cache, [1, 2, 3, 4])
+    cache.match_prefix([1, 2, 3, 4, 5])  # 4 hit, 1 miss
+    cache.match_prefix([1, 2, 9])  # 2 hit, 1 miss
+    cache.peek_prefix([1, 2])  # not counted
+    assert (cache.hit_tokens, cache.miss_tokens) == (6, 2)
+    assert cache.hit_rate == pytest.approx(0.75)
+    assert cache.stats()["hit_rate"] == pytest.approx(0.75)
+
+
+def test_export_and_pretty_describe_the_tree():
+    cache = cache_with(page_size=2)
+    put(cache, [1, 1, 2, 2, 3, 3])
+    put(cache, [1, 1, 4, 4])
+    _, node = cache.match_prefix([1, 1, 4, 4])
+    cache.lock(node)
+    rows = cache.export(head=2)
+    assert rows[0].parent_id is None and rows[0].num_tokens == 0
+    by_id = {r.id: r for r in rows}
+    shape = sorted((r.start_token, r.num_tokens, r.num_pages, r.head_tokens, r.lock_ref)
+                   for r in rows[1:])
+    assert shape == [(0, 2, 1, (1, 1), 1), (2, 2, 1, (4, 4), 1), (2, 4, 2, (2, 2), 0)]
+    for r in rows[1:]:
+        parent = by_id[r.parent_id]
+        assert r.start_token == parent.start_token + parent.num_tokens
+    text = cache.pretty()
+    assert text.splitlines()[0].startswith("root: ")
+    assert "[4, 4] 2 tok, 1 pg" in text and "locked x1" in text
+    assert len(text.splitlines()) == 4
+    assert cache.pretty(max_nodes=1).endswith("... 2 more nodes")
+
+
+def test_disabled_cache_never_matches_and_hands_every_page_back():
+    alloc = PageAllocator(16)
+    cache = NoRadixCache(alloc, page_size=4)
+    for _ in range(2):
+        prefix, node = cache.match_prefix(list(range(10)))
+        assert len(prefix) == 0 and cache.peek_prefix(list(range(10))) == 0
+        cache.lock(node)
+        own = alloc.alloc(3)  # 10 tokens: 2 whole pages + a partial one
+        present = cache.insert(list(range(10)), own[:2])
+        assert present == 8
+        alloc.free(own[len(prefix) : present // 4])  # the generic caller code
+        alloc.free(own[2:])
+        cache.unlock(node)
+    assert cache.free_pages == cache.total_pages == 15
+    assert cache.evictable_pages == cache.locked_pages == 0 and cache.evict(4) == 0
+    assert (cache.hit_tokens, cache.miss_tokens) == (0, 20)
