@@ -369,3 +369,15 @@ def test_disabled_cache_never_matches_and_hands_every_page_back():
     assert cache.free_pages == cache.total_pages == 15
     assert cache.evictable_pages == cache.locked_pages == 0 and cache.evict(4) == 0
     assert (cache.hit_tokens, cache.miss_tokens) == (0, 20)
+
+
+def test_bench_script_runs_quick():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_radix.py"
+    out = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| 1") or line.startswith("| 16")]
+    assert len(rows) == 4 and all(line.count("us") == 5 for line in rows)
