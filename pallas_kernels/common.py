@@ -137,6 +137,7 @@ def q_block_schedule(cu_q_lens, num_seqs, block_q, num_blocks):
     Returns (seq [W], start [W], end [W]) int32 token ranges; blocks past the real
     count are empty (start == end).
     """
+    cu_q_lens = jnp.asarray(cu_q_lens)
     max_seqs = cu_q_lens.shape[0] - 1
     n = jnp.reshape(num_seqs, ()).astype(jnp.int32)
     q_lens = jnp.where(jnp.arange(max_seqs) < n, cu_q_lens[1:] - cu_q_lens[:-1], 0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels import decode_reference, reference, tpu_decode, tpu_ragged, triton_decode, triton_ragged
 from pallas_kernels import tpu_pages, triton_pages
@@ -77,6 +78,8 @@ def ragged_paged_attention(
     Returns [T, Hq, D]; padded tokens give zeros. See `reference.py` for the
     conventions. `tuning` (block_q, block_kv, ...) goes to the kernel, if one runs.
     """
+    q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs = map(
+        jnp.asarray, (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs))
     _check_heads(q, k_pages, v_pages)
     impl = resolve_impl(impl, interpret)
     if impl == "reference" or _fallback_reason(impl, "ragged_paged_attention", q, k_pages):
@@ -110,6 +113,7 @@ def paged_decode(
     pages_per_seq]. num_splits=None picks one from the batch and device. Returns
     [B, Hq, D].
     """
+    q, k_pages, v_pages, kv_lens, page_table = map(jnp.asarray, (q, k_pages, v_pages, kv_lens, page_table))
     _check_heads(q, k_pages, v_pages)
     impl = resolve_impl(impl, interpret)
     if num_splits is None:
