@@ -26,8 +26,11 @@ logger = logging.getLogger("pallas_kernels")
 IMPLS = ("auto", "reference", "triton", "tpu", "pallas")
 _KERNEL_PLATFORM = {"triton": ("gpu", "cuda", "rocm"), "tpu": ("tpu",)}
 _UNSUPPORTED = {"triton": triton_pages.unsupported_reason, "tpu": tpu_pages.unsupported_reason}
-_RAGGED = {"triton": triton_ragged.ragged_paged_attention, "tpu": tpu_ragged.ragged_paged_attention}
-_DECODE = {"triton": triton_decode.paged_decode, "tpu": tpu_decode.paged_decode}
+# The kernels themselves, without dispatch or fallback (tests and benchmarks call them).
+KERNELS = {
+    "triton": {"ragged": triton_ragged.ragged_paged_attention, "decode": triton_decode.paged_decode},
+    "tpu": {"ragged": tpu_ragged.ragged_paged_attention, "decode": tpu_decode.paged_decode},
+}
 _logged_reasons: set[str] = set()
 
 
@@ -86,7 +89,7 @@ def ragged_paged_attention(
         return reference.ragged_paged_attention(
             q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
             sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
-    return _RAGGED[impl](
+    return KERNELS[impl]["ragged"](
         q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=sm_scale,
         soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret, **tuning)
 
@@ -122,6 +125,6 @@ def paged_decode(
         return decode_reference.paged_decode(
             q, k_pages, v_pages, kv_lens, page_table, sm_scale=sm_scale, soft_cap=soft_cap,
             sliding_window=sliding_window, num_splits=num_splits)
-    return _DECODE[impl](
+    return KERNELS[impl]["decode"](
         q, k_pages, v_pages, kv_lens, page_table, sm_scale=sm_scale, soft_cap=soft_cap,
         sliding_window=sliding_window, num_splits=num_splits, interpret=interpret, **tuning)
