@@ -22,7 +22,7 @@ from jaxserve.errors import InvalidRequestError
 from jaxserve.memory import NoRadixCache, PageAllocator, RadixCache, size_kv_pool
 from jaxserve.models import load
 from jaxserve.outputs import OutputCollector
-from jaxserve.runner import COMPILES, MAX_TOP_LOGPROBS, ModelRunner
+from jaxserve.runner import MAX_TOP_LOGPROBS, ModelRunner, compile_count
 from jaxserve.sampling import SamplingParams
 from jaxserve.scheduler import Request, Scheduler
 
@@ -56,7 +56,7 @@ class Engine:
         runner = ModelRunner(self.model, size.num_pages, args.max_running_requests, max_step_tokens,
                              self.context_length)
         runner.warmup()
-        self.compiles_at_ready = COMPILES.count
+        self.compiles_at_ready = compile_count()
         self.scheduler = Scheduler(runner, cache, allocator, chunk_size=chunk, policy=args.schedule_policy,
                                    context_length=self.context_length)
         self.scheduler.start()
@@ -116,7 +116,7 @@ class Engine:
         stats = self.scheduler.call(self.scheduler.stats)
         return {**vars(self.args), **stats, "context_length": self.context_length,
                 "max_total_num_tokens": self.pool.max_total_tokens,
-                "compilations_after_warmup": COMPILES.count - self.compiles_at_ready}
+                "compilations_after_warmup": compile_count() - self.compiles_at_ready}
 
     def shutdown(self) -> None:
         self.scheduler.stop()

@@ -2,7 +2,8 @@
 
 The step takes a fixed-shape ragged batch padded to a token bucket (powers of two), so a
 handful of programs are compiled at warm-up and serving never compiles again; a listener
-on JAX's compile events counts compilations so tests and `/get_server_info` can check.
+on JAX's compile events counts the compilations of this process (`compile_count()`) so
+tests and `/get_server_info` can check.
 Per-sequence sampler state that grows with generation (output token counts for the
 penalties, the prompt's token set, logit bias) lives on the device in rows indexed by a
 request's slot, so a step uploads only small arrays.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -29,21 +29,20 @@ logger = logging.getLogger(__name__)
 MAX_TOP_LOGPROBS = 20
 
 
-class CompileCounter:
-    """Counts XLA compilations in this process (JAX reports each backend compile)."""
-
-    def __init__(self):
-        self.count = 0
-        self._lock = threading.Lock()
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event: str, duration: float, **_) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            with self._lock:
-                self.count += 1
+_compiles = [0]
 
 
-COMPILES = CompileCounter()
+def _on_jax_event(event: str, duration: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _compiles[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
+
+
+def compile_count() -> int:
+    """XLA compilations in this process so far (any engine, any function)."""
+    return _compiles[0]
 
 
 @dataclasses.dataclass

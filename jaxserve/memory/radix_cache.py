@@ -7,15 +7,11 @@ cached: every edge holds a multiple of ``page_size`` tokens and one page index p
 unique among siblings because a shared first page would have been one edge.
 
 Page accounting. Every usable page (``1 .. num_pages - 1``) is in exactly one place:
-
-* free in the allocator (``free_pages``),
-* in the tree on a node whose lock count is 0 (``evictable_pages``),
-* in the tree on a locked node (``locked_pages``), or
-* private to a caller: allocated and not yet given to the tree by ``insert``, or a
-  duplicate that ``insert`` reported as already present and the caller has not freed yet.
-
-So ``free_pages + evictable_pages + locked_pages + private == total_pages`` always, and
-at idle (no request holds private pages) ``free + evictable + locked == total``.
+free in the allocator (``free_pages``); in the tree on an unlocked node
+(``evictable_pages``) or a locked one (``locked_pages``); or private to a caller
+(allocated and not yet given to the tree by ``insert``, or a duplicate that ``insert``
+reported as present and the caller has not freed yet). So ``free + evictable + locked +
+private == total_pages`` always, and ``free + evictable + locked == total`` at idle.
 
 Protocol for a caller (the scheduler) serving one request::
 
@@ -116,6 +112,10 @@ class RadixCache:
         self._nodes: dict[int, RadixNode] = {}  # every node but the root, by id
         self._evictable_pages = 0
         self._locked_pages = 0
+        # Min-heap of (last_access, push order, node) holding every unlocked leaf, plus
+        # stale entries; the push order keeps two entries for one node from comparing nodes.
+        self._heap: list[tuple[int, int, RadixNode]] = []
+        self._seq = itertools.count()
         self.hit_tokens = 0
         self.miss_tokens = 0
 
@@ -133,12 +133,7 @@ class RadixCache:
         key = token_key(tokens)
         self._clock += 1
         node, matched = self._descend(key, split=True)
-        path: list[np.ndarray] = []
-        walk = node
-        while walk is not self._root:
-            walk.last_access = self._clock
-            path.append(walk.pages)
-            walk = walk.parent  # type: ignore[assignment]
+        path = self._touch(node)
         num_tokens = len(key) // _TOKEN_BYTES
         hit = matched // _TOKEN_BYTES
         self.hit_tokens += hit
@@ -172,10 +167,7 @@ class RadixCache:
         key = key[: len(pages) * self._page_bytes]
         self._clock += 1
         node, pos = self._descend(key, split=True)
-        walk = node
-        while walk is not self._root:
-            walk.last_access = self._clock
-            walk = walk.parent  # type: ignore[assignment]
+        self._touch(node)
         if pos < len(key):
             own = pages[pos // self._page_bytes :].copy()  # [num_full - pos / page_bytes]
             own.setflags(write=False)  # match_prefix hands out views of it
@@ -183,8 +175,22 @@ class RadixCache:
             node.children[key[pos : pos + self._page_bytes]] = leaf
             self._nodes[leaf.id] = leaf
             self._evictable_pages += len(leaf.pages)
+            self._offer(leaf)
             node = leaf
         return pos // _TOKEN_BYTES, node
+
+    def _touch(self, node: RadixNode) -> list[np.ndarray]:
+        """Mark the path from the root to ``node`` as used now; returns its page arrays
+        from ``node`` up. Only ``node`` can be a leaf, so it alone is offered to the
+        eviction heap under its new time."""
+        path: list[np.ndarray] = []
+        walk = node
+        while walk is not self._root:
+            walk.last_access = self._clock
+            path.append(walk.pages)
+            walk = walk.parent  # type: ignore[assignment]
+        self._offer(node)
+        return path
 
     def _check_pages(self, num_tokens: int, pages: np.ndarray | Sequence[int]) -> np.ndarray:
         pages = np.asarray(pages, dtype=np.int32).reshape(-1)
@@ -270,6 +276,7 @@ class RadixCache:
             if node.lock_ref == 0:
                 self._locked_pages -= len(node.pages)
                 self._evictable_pages += len(node.pages)
+                self._offer(node)
             node = node.parent  # type: ignore[assignment]
 
     def _check_live(self, node: RadixNode) -> None:
@@ -280,15 +287,12 @@ class RadixCache:
         """Free at least ``num_pages`` pages (fewer only if not enough are evictable),
         least recently used unlocked leaves first. Whole nodes are evicted, so it may
         free more. Returns the number of pages given back to the allocator."""
-        if num_pages <= 0:
-            return 0
-        heap = [(n.last_access, n.id, n) for n in self._nodes.values()
-                if not n.children and n.lock_ref == 0]
-        heapq.heapify(heap)
         freed: list[np.ndarray] = []
         num_freed = 0
-        while num_freed < num_pages and heap:
-            _, _, node = heapq.heappop(heap)
+        while num_freed < num_pages and self._heap:
+            last_access, _, node = heapq.heappop(self._heap)
+            if not self._evictable_leaf(node) or node.last_access != last_access:
+                continue  # stale entry: touched, locked, grown or evicted since pushed
             parent = node.parent
             assert parent is not None
             del parent.children[node.key[: self._page_bytes]]
@@ -296,13 +300,27 @@ class RadixCache:
             node.parent = None
             freed.append(node.pages)
             num_freed += len(node.pages)
-            # A parent's last access is >= its children's, so pops stay in LRU order.
-            if parent is not self._root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access, parent.id, parent))
+            self._offer(parent)  # its time is >= its child's, so pops stay in LRU order
         if freed:
             self.allocator.free(np.concatenate(freed))
         self._evictable_pages -= num_freed
         return num_freed
+
+    @staticmethod
+    def _evictable_leaf(node: RadixNode) -> bool:
+        return node.parent is not None and not node.children and node.lock_ref == 0
+
+    def _offer(self, node: RadixNode) -> None:
+        """Push ``node`` on the eviction heap if it is an unlocked leaf. Entries are not
+        removed when a node changes; ``evict`` skips stale ones, and the heap is rebuilt
+        from the live leaves when stale entries outnumber the nodes."""
+        if not self._evictable_leaf(node):
+            return
+        heapq.heappush(self._heap, (node.last_access, next(self._seq), node))
+        if len(self._heap) > 2 * len(self._nodes) + 64:
+            self._heap = [(n.last_access, next(self._seq), n) for n in self._nodes.values()
+                          if self._evictable_leaf(n)]
+            heapq.heapify(self._heap)
 
     def flush(self) -> int:
         """Evict everything that is not locked. Returns the number of pages freed."""
@@ -344,16 +362,9 @@ class RadixCache:
 
     def stats(self) -> dict[str, float]:
         """Counters for logs and ``/metrics``."""
-        return {
-            "hit_tokens": self.hit_tokens,
-            "miss_tokens": self.miss_tokens,
-            "hit_rate": self.hit_rate,
-            "free_pages": self.free_pages,
-            "evictable_pages": self.evictable_pages,
-            "locked_pages": self.locked_pages,
-            "total_pages": self.total_pages,
-            "num_nodes": self.num_nodes,
-        }
+        names = ("hit_tokens", "miss_tokens", "hit_rate", "free_pages", "evictable_pages",
+                 "locked_pages", "total_pages", "num_nodes")
+        return {name: getattr(self, name) for name in names}
 
     # ----------------------------------------------------------------- inspection
 

@@ -1,0 +1,192 @@
+"""Engine behaviour on a tiny random Llama (SmolLM2's tokenizer): invariance of greedy
+output under caching, chunking, batching and retraction; logprobs; accounting; compiles."""
+
+import numpy as np
+import pytest
+
+import jaxserve
+from jaxserve.errors import InvalidRequestError
+from jaxserve.tokenizer import load_tokenizer
+from jaxserve.weights.gguf_file import bundled_model_path
+from tests.hf_models import hf_logits, save_tiny_model
+
+GREEDY = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    save_tiny_model("llama3", path, seed=11, vocab_size=49152, max_position_embeddings=512)
+    load_tokenizer(bundled_model_path()).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    shared = rng.integers(3, 49152, size=40).tolist()
+    out = [shared + rng.integers(3, 49152, size=n).tolist() for n in (3, 17, 30, 1, 9, 50, 22, 5)]
+    out += [rng.integers(3, 49152, size=n).tolist() for n in (7, 64, 12, 33, 2, 41, 19, 27)]
+    return out  # 16 prompts, half sharing a 40-token prefix
+
+
+def make_engine(tiny_dir, **kw):
+    args = dict(max_running_requests=16, max_prefill_tokens=128, chunked_prefill_size=128, context_length=256,
+                dtype="float32")
+    return jaxserve.Engine(str(tiny_dir), **{**args, **kw})
+
+
+def assert_idle_accounting(engine):
+    info = engine.get_server_info()
+    assert info["num_running_reqs"] == info["num_waiting_reqs"] == 0
+    assert info["free_pages"] + info["evictable_pages"] + info["locked_pages"] == info["total_pages"]
+    assert info["locked_pages"] == 0
+    return info
+
+
+def greedy_outputs(engine, prompts, batched=True):
+    if batched:
+        return [r["output_ids"] for r in engine.generate(input_ids=prompts, sampling_params=GREEDY)]
+    return [engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"] for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    e = make_engine(tiny_dir)
+    yield e
+    e.shutdown()
+
+
+@pytest.fixture(scope="module")
+def alone(engine, prompts):
+    """Each prompt alone, radix cache flushed in between: the reference outputs."""
+    out = []
+    for p in prompts:
+        engine.flush_cache()
+        out.append(engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"])
+    return out
+
+
+def test_batch_of_16_equals_alone(engine, prompts, alone):
+    engine.flush_cache()
+    assert greedy_outputs(engine, prompts) == alone
+    assert len({tuple(o) for o in alone}) > 8  # distinct, non-degenerate outputs
+    assert_idle_accounting(engine)
+
+
+def test_radix_cache_on_equals_off_and_reports_hits(tiny_dir, engine, prompts, alone):
+    engine.flush_cache()
+    first = engine.generate(input_ids=prompts[0], sampling_params=GREEDY)
+    second = engine.generate(input_ids=prompts[1], sampling_params=GREEDY)
+    assert first["meta_info"]["cached_tokens"] == 0
+    assert second["meta_info"]["cached_tokens"] == 32  # the shared 40 tokens, cut to whole pages
+    assert greedy_outputs(engine, prompts, batched=False) == alone  # warm cache
+    assert engine.flush_cache()
+    assert engine.generate(input_ids=prompts[1], sampling_params=GREEDY)["meta_info"]["cached_tokens"] == 0
+    off = make_engine(tiny_dir, disable_radix_cache=True)
+    try:
+        assert greedy_outputs(off, prompts) == alone
+        assert all(r["meta_info"]["cached_tokens"] == 0
+                   for r in off.generate(input_ids=prompts[:4], sampling_params=GREEDY))
+        assert_idle_accounting(off)
+    finally:
+        off.shutdown()
+
+
+def test_small_chunks_equal_no_chunking(tiny_dir, prompts, alone):
+    for kw in ({"chunked_prefill_size": 8}, {"chunked_prefill_size": -1}):
+        e = make_engine(tiny_dir, **kw)
+        try:
+            assert greedy_outputs(e, prompts) == alone, kw
+            assert_idle_accounting(e)
+        finally:
+            e.shutdown()
+
+
+def test_retraction_keeps_results(tiny_dir, prompts, alone):
+    # 256 tokens of KV for 16 requests of up to ~90 tokens each: decode must retract.
+    e = make_engine(tiny_dir, max_total_tokens=256)
+    try:
+        assert greedy_outputs(e, prompts) == alone
+        info = assert_idle_accounting(e)
+        assert info["num_retractions"] > 0
+        assert info["compilations_after_warmup"] == 0
+    finally:
+        e.shutdown()
+
+
+def test_logprobs_match_transformers(engine, tiny_dir, prompts):
+    prompt = prompts[3]
+    engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 0})  # cache the prefix
+    r = engine.generate(input_ids=prompt, sampling_params=GREEDY, return_logprob=True, logprob_start_len=5,
+                        top_logprobs_num=3)
+    meta = r["meta_info"]
+    full = prompt + r["output_ids"]
+    ref = hf_logits(tiny_dir, full)
+    ref = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref.max(-1, keepdims=True)
+    out_lp = [lp for lp, _, _ in meta["output_token_logprobs"]]
+    expect_out = [ref[len(prompt) - 1 + i, t] for i, t in enumerate(r["output_ids"])]
+    np.testing.assert_allclose(out_lp, expect_out, atol=1e-4)
+    inp = meta["input_token_logprobs"]
+    assert [t for _, t, _ in inp] == prompt[5:]
+    np.testing.assert_allclose([lp for lp, _, _ in inp], [ref[i - 1, prompt[i]] for i in range(5, len(prompt))],
+                               atol=1e-4)
+    top = meta["output_top_logprobs"][0]
+    assert [t for _, t, _ in top] == list(np.argsort(-ref[len(prompt) - 1])[:3])
+    first = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 1}, return_logprob=True,
+                            logprob_start_len=0)["meta_info"]["input_token_logprobs"]
+    assert first[0][0] is None and len(first) == len(prompt)
+
+
+def test_abort_and_prefill_only_leave_accounting_exact(engine, prompts):
+    import threading
+
+    from jaxserve.runner import compile_count
+
+    compiles = compile_count()
+    stream = engine.generate(input_ids=prompts[5], sampling_params={**GREEDY, "max_new_tokens": 200}, stream=True,
+                             rid="to-abort")
+    chunks = 0
+    for chunk in stream:
+        chunks += 1
+        if chunks == 3:
+            threading.Thread(target=engine.abort, args=("to-abort",)).start()
+        last = chunk
+    assert last["meta_info"]["finish_reason"]["type"] == "abort"
+    r = engine.generate(input_ids=prompts[6], sampling_params={"max_new_tokens": 0})
+    assert r["text"] == "" and r["meta_info"]["completion_tokens"] == 0
+    again = engine.generate(input_ids=prompts[6], sampling_params={"max_new_tokens": 1})
+    assert again["meta_info"]["cached_tokens"] >= 32
+    assert_idle_accounting(engine)
+    assert compile_count() == compiles  # a mixed workload after warm-up compiles nothing
+
+
+def test_stop_conditions_and_streaming_text(engine, prompts):
+    base = engine.generate(input_ids=prompts[2], sampling_params=GREEDY)
+    text = base["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = engine.generate(input_ids=prompts[2], sampling_params={**GREEDY, "stop": stop})
+    assert cut["text"] == text[: text.find(stop)]
+    assert cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    token = base["output_ids"][4]
+    by_id = engine.generate(input_ids=prompts[2], sampling_params={**GREEDY, "stop_token_ids": [token]})
+    assert by_id["output_ids"] == base["output_ids"][: base["output_ids"].index(token) + 1]
+    assert by_id["meta_info"]["finish_reason"] == {"type": "stop", "matched": token}
+    pieces = [c["text"] for c in engine.generate(input_ids=prompts[2], sampling_params=GREEDY, stream=True)]
+    assert pieces[-1] == text and all(text.startswith(p) for p in pieces)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
+    ({"input_ids": [1, 2], "sampling_params": {"top_p": 0}}, "top_p"),
+    ({"input_ids": [1, 2], "sampling_params": {"bogus": 1}}, "bogus"),
+    ({"input_ids": list(range(300))}, "context length"),
+    ({"input_ids": [1, 10**9]}, "input_ids"),
+    ({"input_ids": []}, "empty"),
+    ({"prompt": "hi", "input_ids": [1]}, "exactly one"),
+    ({"input_ids": [1, 2, 3], "return_logprob": True, "logprob_start_len": 3}, "logprob_start_len"),
+])
+def test_bad_requests_are_refused(engine, kwargs, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        engine.generate(**kwargs)
+    assert engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
