@@ -194,11 +194,11 @@ def main(argv=None) -> int:
     cfg = QUICK if args.quick else FULL
     rng = np.random.default_rng(0)
     device = jax.devices()[0]
-    print(f"# bench_kernels on {device.platform}: {device.device_kind}, jax {jax.__version__}"
+    print(f"`scripts/bench_kernels.py` on {device.platform}: {device.device_kind}, jax {jax.__version__}"
           f"{' (--quick: interpret mode, smoke run only)' if args.quick else ''}\n")
 
     rows = validate(args.quick)
-    print("## Validation against the jnp reference\n")
+    print("### Validation against the jnp reference\n")
     print(table(["kernel", "op", "case", "max abs err", "tol", "ok"], rows,
                 ["{}", "{}", "{}", "{:.2e}", "{:g}", "{}"]) + "\n")
     failed = [r for r in rows if not r[-1]]
@@ -210,13 +210,13 @@ def main(argv=None) -> int:
     print(f"Device copy bandwidth (read + write): {bandwidth:.1f} GB/s; bf16 matmul: {tflops:.1f} TFLOP/s\n")
 
     hq, hkv, d = cfg["heads"]
-    print(f"## Decode: {hq} q / {hkv} kv heads, head_dim {d}, bf16, page {cfg['page_size']}\n")
+    print(f"### Decode: {hq} q / {hkv} kv heads, head_dim {d}, bf16, page {cfg['page_size']}\n")
     rows = [r for impl in impls for r in bench_decode(impl, cfg, args.quick, rng)]
     rows = [(*r, 100 * r[-1] / bandwidth) for r in rows]
     print(table(["impl", "batch", "context", "us / call", "GB/s", "% of copy bw"], rows,
                 ["{}", "{}", "{}", "{:.1f}", "{:.1f}", "{:.0f}%"]) + "\n")
 
-    print("## Prefill (causal, ragged_paged_attention)\n")
+    print("### Prefill (causal, ragged_paged_attention)\n")
     rows = [r for impl in impls for r in bench_prefill(impl, cfg, args.quick, rng)]
     rows = [(*r, 100 * r[-1] / tflops) for r in rows]
     print(table(["impl", "seqs", "length", "ms / call", "TFLOP/s", "% of matmul"], rows,

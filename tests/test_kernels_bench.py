@@ -13,8 +13,8 @@ def test_bench_kernels_quick():
                             env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "## Validation against the jnp reference" in out and "False" not in out
+    assert "### Validation against the jnp reference" in out and "False" not in out
     for kernel in ("triton", "tpu"):
         assert f"| {kernel} | ragged |" in out and f"| {kernel} | decode |" in out
-    assert "## Decode" in out and "| pallas | 2 | 64 |" in out and "| reference | 1 | 32 |" in out
-    assert "## Prefill" in out and "TFLOP/s" in out and "copy bandwidth" in out
+    assert "### Decode" in out and "| pallas | 2 | 64 |" in out and "| reference | 1 | 32 |" in out
+    assert "### Prefill" in out and "TFLOP/s" in out and "copy bandwidth" in out
