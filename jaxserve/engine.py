@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 import uuid
 from typing import Any, AsyncIterator, Iterator
 
@@ -25,6 +26,7 @@ from jaxserve.outputs import OutputCollector
 from jaxserve.runner import MAX_TOP_LOGPROBS, ModelRunner, compile_count
 from jaxserve.sampling import SamplingParams
 from jaxserve.scheduler import Request, Scheduler
+from jaxserve.scheduler.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +64,21 @@ class Engine:
         self.scheduler.start()
         self._seeds = itertools.count(args.random_seed * 1_000_003 + 1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.sessions: dict[str, Session] = {}
+        self._stopped = threading.Event()
+        threading.Thread(target=self._reap_sessions, name="jaxserve-sessions", daemon=True).start()
 
     # ---- the public API ----
 
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
                  logprob_start_len: int = -1, top_logprobs_num: int = 0, return_text_in_logprobs: bool = False,
-                 rid: str | list[str] | None = None, stream: bool = False):
+                 rid: str | list[str] | None = None, stream: bool = False, session_params: dict | None = None):
         """Blocking `/generate`: a dict, a list of dicts (list input or n > 1), or an iterator when streaming."""
         kwargs = dict(prompt=prompt, sampling_params=sampling_params, input_ids=input_ids,
                       return_logprob=return_logprob, logprob_start_len=logprob_start_len,
                       top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
-                      rid=rid, stream=stream)
+                      rid=rid, stream=stream, session_params=session_params)
         loop = self._private_loop()
         if not stream:
             return asyncio.run_coroutine_threadsafe(self.async_generate(**kwargs), loop).result()
@@ -82,13 +87,16 @@ class Engine:
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
                              logprob_start_len=-1, top_logprobs_num=0, return_text_in_logprobs=False,
-                             rid=None, stream=False):
-        """Async `/generate`; with `stream=True` an async iterator of cumulative dicts."""
-        items = self._prepare(prompt, sampling_params, input_ids, rid,
-                              dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-                                   top_logprobs_num=top_logprobs_num))
+                             rid=None, stream=False, session_params=None):
+        """Async `/generate`; with `stream=True` an async iterator of cumulative dicts.
+
+        `session_params={"id": sid}` appends the input to that session's conversation.
+        """
         options = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
                        top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
+        session = self._session_for(session_params)
+        items = self._prepare(prompt, sampling_params, input_ids, rid, options, session)
+        options["session"] = session
         batched = isinstance(prompt, list) or (input_ids is not None and input_ids and isinstance(input_ids[0], list))
         if stream:
             if len(items) != 1 or items[0][1].n != 1:
@@ -112,6 +120,40 @@ class Engine:
 
         return self.scheduler.call(flush)
 
+    def open_session(self, capacity_of_str_len: int | None = None, session_id: str | None = None) -> str:
+        """Start a conversation whose KV stays cached between turns; returns its id."""
+        sid = session_id or uuid.uuid4().hex
+        if sid in self.sessions:
+            raise InvalidRequestError(f"session {sid} is already open")
+        self.sessions[sid] = Session(sid, capacity_of_str_len)
+        return sid
+
+    def close_session(self, session_id: str) -> None:
+        """Unlock a session's KV (it stays in the radix cache as evictable)."""
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            raise InvalidRequestError(f"no open session {session_id!r}")
+        self.scheduler.call(lambda: self.scheduler.close_session(session))
+
+    def _session_for(self, session_params) -> Session | None:
+        if session_params is None:
+            return None
+        if not isinstance(session_params, dict) or not isinstance(session_params.get("id"), str):
+            raise InvalidRequestError("`session_params` must be an object with a string `id`")
+        extra = sorted(k for k, v in session_params.items() if k != "id" and v not in (None, False))
+        if extra:
+            raise InvalidRequestError(f"session_params {extra} are not supported; only `id` (append to the conversation)")
+        if session_params["id"] not in self.sessions:
+            raise InvalidRequestError(f"no open session {session_params['id']!r}; call /open_session first")
+        return self.sessions[session_params["id"]]
+
+    def _reap_sessions(self) -> None:
+        while not self._stopped.wait(min(5.0, self.args.session_timeout / 2)):
+            for sid, session in list(self.sessions.items()):
+                if not session.busy and session.idle_for() > self.args.session_timeout:
+                    logger.info("closing session %s: idle for %.0fs", sid, session.idle_for())
+                    self.close_session(sid)
+
     def get_server_info(self) -> dict[str, Any]:
         stats = self.scheduler.call(self.scheduler.stats)
         return {**vars(self.args), **stats, "context_length": self.context_length,
@@ -119,6 +161,7 @@ class Engine:
                 "compilations_after_warmup": compile_count() - self.compiles_at_ready}
 
     def shutdown(self) -> None:
+        self._stopped.set()
         self.scheduler.stop()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -131,7 +174,7 @@ class Engine:
             threading.Thread(target=self._loop.run_forever, name="jaxserve-engine-loop", daemon=True).start()
         return self._loop
 
-    def _prepare(self, prompt, sampling_params, input_ids, rid, options) -> list[tuple[np.ndarray, SamplingParams, str]]:
+    def _prepare(self, prompt, sampling_params, input_ids, rid, options, session=None) -> list[tuple[np.ndarray, SamplingParams, str]]:
         if (prompt is None) == (input_ids is None):
             raise InvalidRequestError("give exactly one of `text` (prompt) and `input_ids`")
         if prompt is not None:
@@ -145,6 +188,10 @@ class Engine:
         rids = rid if isinstance(rid, list) else [rid] if rid is not None else [None] * len(id_lists)
         if len(params_list) != len(id_lists) or len(rids) != len(id_lists):
             raise InvalidRequestError("`sampling_params` and `rid` lists must match the number of prompts")
+        if session is not None:
+            if len(id_lists) != 1 or session.busy or (params_list[0] or {}).get("n", 1) not in (1, None):
+                raise InvalidRequestError(f"session {session.id} takes one prompt at a time, with n=1")
+            id_lists = [session.tokens.tolist() + list(id_lists[0])]
         return [(self._check_ids(ids), self._check_params(p, len(ids), options), r or uuid.uuid4().hex)
                 for ids, p, r in zip(id_lists, params_list, rids)]
 
@@ -179,7 +226,7 @@ class Engine:
             stop_ids |= set(self.tokenizer.eos_token_ids)
         return Request(rid, ids, params, seed, sorted(stop_ids), on_output,
                        return_logprob=options["return_logprob"], logprob_start_len=options["logprob_start_len"],
-                       top_logprobs_num=options["top_logprobs_num"])
+                       top_logprobs_num=options["top_logprobs_num"], session=options.get("session"))
 
     async def _outputs(self, ids, params, rid, options, seed) -> AsyncIterator[OutputCollector]:
         """Submit one request and yield its collector after every update, until finished."""
@@ -190,6 +237,9 @@ class Engine:
                                     return_text_in_logprobs=options["return_text_in_logprobs"],
                                     top_logprobs_num=options["top_logprobs_num"])
         req = self._request(ids, params, rid, options, seed, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        session = options.get("session")
+        if session is not None:
+            session.busy = True
         self.scheduler.submit(req)
         try:
             while not collector.finished:
@@ -199,6 +249,10 @@ class Engine:
         finally:
             if not collector.finished:  # the consumer went away: free the request's pages
                 self.scheduler.abort(rid)
+            if session is not None:
+                if collector.finished and collector.finish_reason.get("type") != "abort":
+                    session.tokens = np.concatenate([ids, np.asarray(collector.output_ids, np.int32)])
+                session.busy, session.last_used = False, time.monotonic()
 
     def _seed(self, params: SamplingParams, branch: int) -> int:
         return params.sampling_seed + branch if params.sampling_seed is not None else next(self._seeds)

@@ -190,3 +190,21 @@ def test_bad_requests_are_refused(engine, kwargs, match):
     with pytest.raises(InvalidRequestError, match=match):
         engine.generate(**kwargs)
     assert engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+def test_session_keeps_conversation_locked(engine, prompts):
+    sid = engine.open_session()
+    first = engine.generate(input_ids=prompts[8], sampling_params=GREEDY, session_params={"id": sid})
+    info = engine.get_server_info()
+    assert info["locked_pages"] == (len(prompts[8]) + len(first["output_ids"]) - 1) // 16
+    engine.flush_cache()  # flushing cannot drop a locked conversation
+    second = engine.generate(input_ids=[5, 6, 7], sampling_params=GREEDY, session_params={"id": sid})
+    history = len(prompts[8]) + len(first["output_ids"])
+    assert second["meta_info"]["prompt_tokens"] == history + 3
+    assert second["meta_info"]["cached_tokens"] == (history - 1) // 16 * 16
+    alone = engine.generate(input_ids=prompts[8] + first["output_ids"] + [5, 6, 7], sampling_params=GREEDY)
+    assert alone["output_ids"] == second["output_ids"]
+    with pytest.raises(InvalidRequestError, match="no open session"):
+        engine.generate(input_ids=[1], session_params={"id": "nope"})
+    engine.close_session(sid)
+    assert_idle_accounting(engine)

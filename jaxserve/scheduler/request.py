@@ -53,6 +53,7 @@ class Request:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     arrival: float = dataclasses.field(default_factory=time.monotonic)
+    session: Any = None  # the Session this turn belongs to, if any
 
     status: Status = Status.WAITING
     output_ids: list[int] = dataclasses.field(default_factory=list)

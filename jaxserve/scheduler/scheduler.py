@@ -293,10 +293,18 @@ class Scheduler:
         logger.info("retracted %s (%d tokens) to free KV pages", req.rid, req.num_tokens)
 
     def _release(self, req: Request, keep: bool) -> None:
-        """Give the computed prefix to the radix cache, free private pages, unlock, free the slot."""
+        """Give the computed prefix to the radix cache, free private pages, unlock, free the slot.
+
+        A finished session turn moves the session's lock to the node of its conversation.
+        """
         pages, kv_len = req.pages, req.num_computed
         full = kv_len // self.page_size
-        present = self.cache.insert(req.tokens[:kv_len], pages[:full])
+        present, node = self.cache.insert_with_node(req.tokens[:kv_len], pages[:full])
+        if req.session is not None and not req.session.closed and not keep:
+            self.cache.lock(node)
+            if req.session.node is not None:
+                self.cache.unlock(req.session.node)
+            req.session.node = node
         self.allocator.free(pages[len(req.cache_pages) : max(present // self.page_size, len(req.cache_pages))])
         self.allocator.free(pages[full:])
         self.cache.unlock(req.node)
@@ -304,6 +312,15 @@ class Scheduler:
         self.free_slots.append(req.slot)
         req.node, req.slot, req.num_computed = None, 0, 0
         req.cache_pages = req.own_pages = np.zeros(0, np.int32)
+
+    # ---- sessions ----
+
+    def close_session(self, session) -> None:
+        """Unlock a session's conversation (scheduler thread only, e.g. via `call`)."""
+        session.closed = True
+        if session.node is not None:
+            self.cache.unlock(session.node)
+            session.node = None
 
     # ---- inspection ----
 
