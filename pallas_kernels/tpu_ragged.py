@@ -50,8 +50,9 @@ def _ragged_kernel(
     num_seqs = num_seqs_ref[0]
     tok_lo = qb * block_q
     tok_hi = tok_lo + block_q
-    # Row r = g * block_q + t holds token tok_lo + t of query head g.
-    tok = tok_lo + jax.lax.broadcasted_iota(jnp.int32, (group, block_q, 1), 1).reshape(rows, 1)
+    # Row r = g * block_q + t holds token tok_lo + t of query head g (block_q is a power
+    # of two, so t = r & (block_q - 1): no vector integer division on the VPU).
+    tok = tok_lo + (jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) & (block_q - 1))
     q = q_ref[...].reshape(rows, head_dim).astype(k_buf.dtype)
 
     def has_seq(carry):
@@ -104,6 +105,8 @@ def ragged_paged_attention(
     _, page_size, num_kv_heads, _ = k_pages.shape
     group = num_q_heads // num_kv_heads
     max_seqs, pages_per_seq = page_table.shape
+    if block_q & (block_q - 1) or block_q < 8:
+        raise ValueError(f"block_q must be a power of two >= 8, got {block_q}")
     block_kv = max(block_kv, page_size)
     num_q_blocks = -(-num_tokens // block_q)
     # [num_q_blocks]: the sequence whose queries include each block's first token.

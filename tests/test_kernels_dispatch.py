@@ -60,13 +60,18 @@ def test_unsupported_shape_falls_back_with_one_log_line(impl, case, caplog, monk
 
 @pytest.mark.parametrize("impl", ["triton", "tpu"])
 def test_kernels_inside_jit_and_scan_over_layers(impl):
-    """Two layers scanned over a stacked [L, P, S, Hkv, D] cache, both ops per layer."""
+    """Two layers scanned over a stacked [L, P, S, Hkv, D] cache, both cache patterns:
+    the ragged op reads the layer's slice (scan xs); the decode op follows the model,
+    which carries the pool flattened to [L * P, ...], writes the new K/V into it and
+    offsets the page table by layer * P."""
     q, k, v, kv_lens, table, cu, num_seqs = ragged_inputs(SMALL)
     dq, _, _, dlens, dtable = decode_inputs(dataclasses.replace(SMALL_DECODE, seed=5))
     rng = np.random.default_rng(11)
     k_cache = jnp.stack([k, jnp.asarray(rng.standard_normal(k.shape), k.dtype)])
     v_cache = jnp.stack([v, jnp.asarray(rng.standard_normal(v.shape), v.dtype)])
-    dtable = np.minimum(dtable, k.shape[0] - 1)
+    num_layers, num_pages = k_cache.shape[:2]
+    dtable = np.minimum(dtable, num_pages - 1)
+    hkv = k.shape[2]
 
     def model(impl, q, dq, k_cache, v_cache):
         kw = dict(sm_scale=0.125, impl=impl, interpret=impl != "reference")
@@ -74,16 +79,21 @@ def test_kernels_inside_jit_and_scan_over_layers(impl):
         ragged_kw = dict(kernel_kw, block_q=BLOCK_Q[impl]) if kernel_kw else {}
 
         def layer(carry, kv):
-            x, dx = carry
+            x, dx, k_flat, v_flat, i = carry
             k_pages, v_pages = kv
             x = pallas_kernels.ragged_paged_attention(x, k_pages, v_pages, kv_lens, table, cu, num_seqs,
                                                       **kw, **ragged_kw)
-            dx = pallas_kernels.paged_decode(dx, k_pages, v_pages, dlens, dtable, num_splits=2, **kw,
-                                             **kernel_kw)
-            return (x * 2.0, dx * 2.0), None
+            slots = i * num_pages + dtable[:, 0]  # row 0 of each sequence's first page
+            k_flat = k_flat.at[slots, 0].set(dx[:, :hkv])
+            v_flat = v_flat.at[slots, 0].set(-dx[:, :hkv])
+            dx = pallas_kernels.paged_decode(dx, k_flat, v_flat, dlens, dtable + i * num_pages,
+                                             num_splits=2, **kw, **kernel_kw)
+            return (x * 2.0, dx * 2.0, k_flat, v_flat, i + 1), None
 
-        (x, dx), _ = jax.lax.scan(layer, (q, dq), (k_cache, v_cache))
-        return x, dx
+        flat = (num_layers * num_pages, *k_cache.shape[2:])
+        init = (q, dq, k_cache.reshape(flat), v_cache.reshape(flat), jnp.int32(0))
+        (x, dx, k_flat, _, _), _ = jax.lax.scan(layer, init, (k_cache, v_cache))
+        return x, dx, k_flat
 
     got = jax.jit(functools.partial(model, impl))(q, dq, k_cache, v_cache)
     expect = jax.jit(functools.partial(model, "reference"))(q, dq, k_cache, v_cache)
