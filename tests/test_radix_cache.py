@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -117,6 +117,7 @@ class RadixModelMachine(RuleBasedStateMachine):
         ps = self.PAGE_SIZE
         evictable = sum(e.locks == 0 for e in self.entries.values())
         freed = self.cache.evict(n)
+        event(f"evict freed {'nothing' if freed == 0 else 'pages'}")
         prefixes = list(self.entries)
         gone = self.alloc.is_free([self.entries[p].page for p in prefixes]) if prefixes else []
         removed = [p for p, g in zip(prefixes, gone) if g]
@@ -176,6 +177,8 @@ class RadixModelMachine(RuleBasedStateMachine):
         full = len(req.tokens) // ps
         present, node = self.insert(req.tokens, pages[:full], with_node=keep_lock)
         assert present // ps >= len(req.prefix)
+        if present // ps > len(req.prefix):
+            event("finish: another request cached part of this one meanwhile")
         self.alloc.free(pages[len(req.prefix) : present // ps])
         self.alloc.free(pages[full:])
         if keep_lock:  # chunked-prefill style: hold the new node, drop the old one
@@ -269,6 +272,25 @@ def test_eviction_is_lru_by_last_access_and_parents_follow_children():
     assert cache.peek_prefix([1, 2, 5, 6]) == 2
     assert cache.evict(5) == 2  # the parent [1, 2] goes last
     assert cache.evictable_pages == 0 and cache.free_pages == cache.total_pages
+
+
+def test_lru_order_holds_after_repeated_touches_locks_and_heap_rebuilds():
+    cache = cache_with(page_size=2, num_pages=32)
+    for first in range(6):  # t=1..6, six one-page leaves under the root
+        put(cache, [first, first])
+    for _ in range(100):  # far more touches than nodes: stale heap entries pile up
+        for first in (0, 1, 2):
+            _, node = cache.match_prefix([first, first])
+            cache.lock(node)
+            cache.unlock(node)
+            cache.lock(node)  # lock / unlock without a touch: duplicate entries
+            cache.unlock(node)
+    order = []
+    while cache.evictable_pages:
+        before = {f for f in range(6) if cache.peek_prefix([f, f])}
+        assert cache.evict(1) == 1
+        order += sorted(before - {f for f in range(6) if cache.peek_prefix([f, f])})
+    assert order == [3, 4, 5, 0, 1, 2]
 
 
 def test_locked_path_survives_evict_and_flush_until_unlocked():

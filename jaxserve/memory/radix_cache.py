@@ -112,10 +112,9 @@ class RadixCache:
         self._nodes: dict[int, RadixNode] = {}  # every node but the root, by id
         self._evictable_pages = 0
         self._locked_pages = 0
-        # Min-heap of (last_access, push order, node) holding every unlocked leaf, plus
-        # stale entries; the push order keeps two entries for one node from comparing nodes.
+        # Min-heap of (last_access, id, node) holding every unlocked leaf, plus stale
+        # entries. Ids are unique, so no two different nodes' entries compare their nodes.
         self._heap: list[tuple[int, int, RadixNode]] = []
-        self._seq = itertools.count()
         self.hit_tokens = 0
         self.miss_tokens = 0
 
@@ -316,9 +315,9 @@ class RadixCache:
         from the live leaves when stale entries outnumber the nodes."""
         if not self._evictable_leaf(node):
             return
-        heapq.heappush(self._heap, (node.last_access, next(self._seq), node))
+        heapq.heappush(self._heap, (node.last_access, node.id, node))
         if len(self._heap) > 2 * len(self._nodes) + 64:
-            self._heap = [(n.last_access, next(self._seq), n) for n in self._nodes.values()
+            self._heap = [(n.last_access, n.id, n) for n in self._nodes.values()
                           if self._evictable_leaf(n)]
             heapq.heapify(self._heap)
 
