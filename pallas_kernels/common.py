@@ -129,6 +129,23 @@ def combine_splits(m, l, acc, axis):
     return finalize(l_sum, acc_sum)
 
 
+def split_state_shapes(partition, head_dim):
+    """Output shapes of split-K partial states for rows `partition` = (B, Hkv, splits, rows):
+    m, l [*partition, 1] and acc [*partition, D], all fp32."""
+    return [
+        jax.ShapeDtypeStruct((*partition, 1), jnp.float32),
+        jax.ShapeDtypeStruct((*partition, 1), jnp.float32),
+        jax.ShapeDtypeStruct((*partition, head_dim), jnp.float32),
+    ]
+
+
+def merge_split_states(m, l, acc, group, dtype):
+    """Kernel partial states [B, Hkv, splits, rows >= group, .] -> attention output [B, Hkv * group, D]."""
+    batch, num_kv_heads, _, _, head_dim = acc.shape
+    out = combine_splits(m[:, :, :, :group], l[:, :, :, :group], acc[:, :, :, :group], axis=2)
+    return out.reshape(batch, num_kv_heads * group, head_dim).astype(dtype)
+
+
 def q_block_schedule(cu_q_lens, num_seqs, block_q, num_blocks):
     """Split every sequence's queries into blocks of <= block_q tokens.
 

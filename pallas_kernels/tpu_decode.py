@@ -20,11 +20,12 @@ from pallas_kernels.common import (
     attention_mask,
     attention_scores,
     block_range,
-    combine_splits,
     init_softmax_state,
     kv_range,
+    merge_split_states,
     online_softmax_update,
     split_pages,
+    split_state_shapes,
 )
 from pallas_kernels.tpu_pages import kv_scratch_shapes, stream_kv_blocks
 
@@ -107,14 +108,9 @@ def paged_decode(
             ],
             scratch_shapes=kv_scratch_shapes(block_kv, head_dim, k_pages.dtype),
         ),
-        out_shape=[
-            jax.ShapeDtypeStruct((*part, 1), jnp.float32),
-            jax.ShapeDtypeStruct((*part, 1), jnp.float32),
-            jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
-        ],
+        out_shape=split_state_shapes(part, head_dim),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=pltpu.InterpretParams() if interpret is True else interpret,
         name="jaxserve_paged_decode_tpu",
     )(kv_lens, page_table.reshape(-1), q.reshape(batch, num_kv_heads, group, head_dim), k_pages, v_pages)
-    out = combine_splits(m, l, acc, axis=2)  # [B, Hkv, G, D]
-    return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
+    return merge_split_states(m, l, acc, group, q.dtype)

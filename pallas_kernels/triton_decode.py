@@ -21,12 +21,13 @@ from pallas_kernels.common import (
     attention_mask,
     attention_scores,
     block_range,
-    combine_splits,
     init_softmax_state,
     kv_range,
+    merge_split_states,
     next_power_of_2,
     online_softmax_update,
     split_pages,
+    split_state_shapes,
 )
 from pallas_kernels.triton_pages import load_kv_block
 
@@ -101,14 +102,9 @@ def paged_decode(
             stat_spec, stat_spec,
             pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
         ],
-        out_shape=[
-            jax.ShapeDtypeStruct((*part, 1), jnp.float32),
-            jax.ShapeDtypeStruct((*part, 1), jnp.float32),
-            jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
-        ],
+        out_shape=split_state_shapes(part, head_dim),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxserve_paged_decode_triton",
     )(kv_lens, page_table, q, k_pages, v_pages)
-    out = combine_splits(m[:, :, :, :group], l[:, :, :, :group], acc[:, :, :, :group], axis=2)
-    return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
+    return merge_split_states(m, l, acc, group, q.dtype)

@@ -106,15 +106,14 @@ def test_tpu_kernels_have_no_races():
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret  # races state
 
     params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
-    args = ragged_inputs(SMALL)
-    out = tpu_ragged.ragged_paged_attention(*args, sm_scale=0.1, block_q=8, block_kv=32, interpret=params)
-    assert not tpu_interpret.races.races_found
-    np.testing.assert_allclose(
-        np.asarray(out), np.asarray(pallas_kernels.ragged_paged_attention_reference(*args, sm_scale=0.1)),
-        rtol=1e-5, atol=1e-5)
-    dargs = decode_inputs(SMALL_DECODE)
-    out = tpu_decode.paged_decode(*dargs, sm_scale=0.1, num_splits=2, block_kv=16, interpret=params)
-    assert not tpu_interpret.races.races_found
-    np.testing.assert_allclose(
-        np.asarray(out), np.asarray(pallas_kernels.paged_decode_reference(*dargs, sm_scale=0.1)),
-        rtol=1e-5, atol=1e-5)
+    runs = [
+        (functools.partial(tpu_ragged.ragged_paged_attention, block_q=8, block_kv=32),
+         pallas_kernels.ragged_paged_attention_reference, ragged_inputs(SMALL)),
+        (functools.partial(tpu_decode.paged_decode, num_splits=2, block_kv=16),
+         pallas_kernels.paged_decode_reference, decode_inputs(SMALL_DECODE)),
+    ]
+    for kernel, reference, args in runs:
+        out = kernel(*args, sm_scale=0.1, interpret=params)
+        assert not tpu_interpret.races.races_found
+        np.testing.assert_allclose(np.asarray(out), np.asarray(reference(*args, sm_scale=0.1)),
+                                   rtol=1e-5, atol=1e-5)
