@@ -31,7 +31,7 @@ def run_steps(model, steps, pool=64):
     k, v = model.new_kv_cache(pool)
     out = {}
     for step in steps:
-        batch = ForwardBatch.build([(ids, start, pages) for _, ids, start, pages in step], PAGE,
+        batch = ForwardBatch.build([(ids, start, pages) for _, ids, start, pages in step], model.page_size,
                                    num_tokens=sum(len(s[1]) for s in step) + 3, max_seqs=len(step) + 2)
         logits, k, v = model.forward(batch, k, v)
         logits = np.asarray(logits)
@@ -85,3 +85,25 @@ def test_unknown_architecture_is_clear(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
         load(tmp_path, with_tokenizer=False)
+
+
+@pytest.mark.parametrize("backend", ["triton", "tpu"])
+def test_pallas_backend_equals_reference(tmp_path_factory, caplog, backend):
+    """The model with Pallas kernels (interpret mode on CPU) gives the reference backend's logits."""
+    path = tmp_path_factory.mktemp(f"pallas-{backend}")
+    save_tiny_model("llama3", path, seed=5, hidden_size=128, head_dim=64, num_attention_heads=4)
+    rng = np.random.default_rng(9)
+    pages = pages_for(rng, 3)
+    a, b, c = (rng.integers(3, 256, size=n) for n in (20, 13, 6))
+    steps = [
+        [(0, a[:9], 0, pages[0]), (1, b[:12], 0, pages[1])],
+        [(0, a[9:], 9, pages[0]), (1, b[12:], 12, pages[1]), (2, c, 0, pages[2])],
+    ]
+    results = []
+    for attention_backend in ("reference", backend):
+        model = load(path, dtype="float32", page_size=8, attention_backend=attention_backend, with_tokenizer=False)
+        with caplog.at_level("WARNING", logger="pallas_kernels"):
+            results.append(run_steps(model, steps))
+    assert "using the jnp reference" not in caplog.text  # the kernel really ran
+    for seq in range(3):
+        np.testing.assert_allclose(results[1][seq], results[0][seq], rtol=1e-5, atol=1e-5)

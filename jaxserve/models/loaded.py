@@ -126,6 +126,8 @@ def load(model_path: str | Path | None = None, *, dtype: str = "bfloat16", tp_si
     cfg = ModelConfig.from_hf(hf_config)
     jdtype = DTYPES[dtype]
     mesh = sharding.make_mesh(tp_size)
+    if attention_backend in ("pallas", "triton", "tpu") and jax.default_backend() == "cpu":
+        interpret = True  # Pallas kernels run on CPU only in interpret mode (slow; for tests)
     abstract = nnx.eval_shape(lambda: model_class(cfg)(cfg, dtype=jdtype, rngs=nnx.Rngs(0),
                                                        attention_impl=attention_backend, interpret=interpret))
     graphdef, state = nnx.split(abstract)
