@@ -1,0 +1,182 @@
+"""OpenAI request bodies -> token-id prompts and SGLang sampling params.
+
+Field names and defaults follow OpenAI's API (`max_tokens` 16 for completions, the rest of
+the context for chat); the extra fields SGLang and vLLM accept (`top_k`, `min_p`,
+`repetition_penalty`, `ignore_eos`, ...) are accepted too. Unknown fields are refused
+with a 400 that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from typing import Any
+
+import jinja2
+
+from jaxserve.server.generation import LogprobOptions
+from jaxserve.server.protocol import BOOL, INT, NUMBER, OBJECT, STR, APIError, Body, Kind
+from jaxserve.server.state import ServerState
+
+__all__ = ["OpenAIRequest", "parse_chat", "parse_completion", "openai_message"]
+
+_ANY: Kind = (lambda v: True, "any value")  # the engine checks these and names the field
+# OpenAI field -> (SGLang sampling_params field, kind)
+_SAMPLING = {
+    "temperature": ("temperature", NUMBER), "top_p": ("top_p", NUMBER),
+    "presence_penalty": ("presence_penalty", NUMBER), "frequency_penalty": ("frequency_penalty", NUMBER),
+    "seed": ("sampling_seed", INT), "stop": ("stop", _ANY), "logit_bias": ("logit_bias", OBJECT),
+    # extensions (SGLang, vLLM)
+    "top_k": ("top_k", INT), "min_p": ("min_p", NUMBER), "repetition_penalty": ("repetition_penalty", NUMBER),
+    "ignore_eos": ("ignore_eos", BOOL), "min_tokens": ("min_new_tokens", INT),
+    "stop_token_ids": ("stop_token_ids", _ANY), "skip_special_tokens": ("skip_special_tokens", BOOL),
+    "spaces_between_special_tokens": ("spaces_between_special_tokens", BOOL),
+    "no_stop_trim": ("no_stop_trim", BOOL), "regex": ("regex", STR), "ebnf": ("ebnf", STR),
+}
+_COMMON = ("model", "max_tokens", "n", "stream", "stream_options", "rid", *_SAMPLING)
+_IGNORED = ("user", "store", "metadata", "service_tier")
+_COMPLETION_FIELDS = (*_COMMON, "prompt", "logprobs", "echo", "best_of")
+_CHAT_FIELDS = (*_COMMON, "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
+                "chat_template_kwargs")
+_CHAT_IGNORED = (*_IGNORED, "parallel_tool_calls", "tool_choice")
+_CHAT_UNSUPPORTED = ("tools", "functions", "function_call", "audio", "modalities", "prediction",
+                     "web_search_options")
+
+# Engine messages name SGLang fields; OpenAI clients know them by these names.
+_RENAMES = (("sampling_params.max_new_tokens", "max_tokens"), ("max_new_tokens", "max_tokens"),
+            ("sampling_params.min_new_tokens", "min_tokens"), ("sampling_params.sampling_seed", "seed"),
+            ("sampling_params.", ""))
+
+
+def openai_message(message: str) -> str:
+    """An engine error message with OpenAI's field names."""
+    for old, new in _RENAMES:
+        message = message.replace(old, new)
+    return message
+
+
+@dataclasses.dataclass
+class OpenAIRequest:
+    chat: bool
+    model: str
+    prompts: list[list[int]]
+    sampling_params: list[dict[str, Any]]  # one per prompt
+    n: int
+    stream: bool
+    include_usage: bool
+    options: LogprobOptions
+    rid: str
+    logprobs: bool = False
+    echo_texts: list[str] | None = None  # completions with echo: the prompt texts to prepend
+
+    @property
+    def rids(self) -> list[str]:
+        return [self.rid] if len(self.prompts) == 1 else [f"{self.rid}-p{i}" for i in range(len(self.prompts))]
+
+
+def parse_completion(data: dict, state: ServerState) -> OpenAIRequest:
+    """A `/v1/completions` body."""
+    body = Body(data, _COMPLETION_FIELDS, ignored=_IGNORED, unsupported=("suffix",),
+                where="/v1/completions request")
+    model, n, stream, include_usage = _common(body, state)
+    prompts = _completion_prompts(body.data.get("prompt"), state.engine.tokenizer)
+    best_of = body.get("best_of", INT)
+    if best_of is not None and best_of != n:
+        raise APIError(400, f"`best_of` ({best_of}) other than `n` ({n}) is not supported", param="best_of")
+    top = body.get_int_range("logprobs", 0, 20)
+    echo = body.get("echo", BOOL, False)
+    options = LogprobOptions(return_logprob=top is not None, top_logprobs_num=top or 0,
+                             logprob_start_len=0 if echo and top is not None else -1, return_text_in_logprobs=True)
+    max_tokens = body.get("max_tokens", INT, 16)
+    sampling = _sampling(body, n)
+    echo_texts = [state.engine.tokenizer.decode(ids) for ids in prompts] if echo else None
+    return OpenAIRequest(False, model, prompts, [{**sampling, "max_new_tokens": max_tokens} for _ in prompts], n,
+                         stream, include_usage, options, _rid(body, "cmpl"), top is not None, echo_texts)
+
+
+def parse_chat(data: dict, state: ServerState) -> OpenAIRequest:
+    """A `/v1/chat/completions` body; the messages go through the model's chat template."""
+    body = Body(data, _CHAT_FIELDS, ignored=_CHAT_IGNORED, unsupported=_CHAT_UNSUPPORTED,
+                where="/v1/chat/completions request")
+    model, n, stream, include_usage = _common(body, state)
+    if "messages" not in data:
+        raise APIError(400, "`messages` is required", param="messages")
+    kwargs = body.get("chat_template_kwargs", OBJECT, {})
+    if {"messages", "add_generation_prompt", "tokenize"} & set(kwargs):
+        raise APIError(400, "chat_template_kwargs may not set messages, add_generation_prompt or tokenize",
+                       param="chat_template_kwargs")
+    try:
+        ids = state.engine.tokenizer.apply_chat_template(data["messages"], add_generation_prompt=True,
+                                                         tokenize=True, **kwargs)
+    except (ValueError, jinja2.TemplateError) as e:
+        raise APIError(400, f"invalid `messages`: {e}", param="messages") from None
+    logprobs = body.get("logprobs", BOOL, False)
+    top = body.get_int_range("top_logprobs", 0, 20)
+    if top and not logprobs:
+        raise APIError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs")
+    options = LogprobOptions(return_logprob=logprobs, top_logprobs_num=top or 0, return_text_in_logprobs=True)
+    max_tokens = body.get("max_completion_tokens", INT) if data.get("max_completion_tokens") is not None \
+        else body.get("max_tokens", INT)
+    if max_tokens is None:  # OpenAI's default: whatever the context has left
+        max_tokens = max(state.engine.context_length - len(ids), 1)
+    sampling = {**_sampling(body, n), **_response_format(body), "max_new_tokens": max_tokens}
+    return OpenAIRequest(True, model, [ids], [sampling], n, stream, include_usage, options, _rid(body, "chatcmpl"),
+                         logprobs)
+
+
+def _common(body: Body, state: ServerState) -> tuple[str, int, bool, bool]:
+    model = body.get("model", STR, required=True)
+    if not state.accepts_model(model):
+        raise APIError(404, f"the model `{model}` does not exist; this server serves `{state.model_name}`",
+                       param="model", code="model_not_found")
+    n = body.get("n", INT, 1)
+    stream = body.get("stream", BOOL, False)
+    options = body.get("stream_options", OBJECT)
+    include_usage = False
+    if options is not None:
+        opts = Body(options, ("include_usage",), ignored=("continuous_usage_stats", "include_obfuscation"),
+                    where="stream_options")
+        include_usage = opts.get("include_usage", BOOL, False)
+    return model, n, stream, include_usage
+
+
+def _sampling(body: Body, n: int) -> dict[str, Any]:
+    params: dict[str, Any] = {"n": n}
+    for name, (field, kind) in _SAMPLING.items():
+        value = body.get(name, kind)
+        if value is not None:
+            params[field] = value
+    return params
+
+
+def _response_format(body: Body) -> dict[str, Any]:
+    fmt = body.get("response_format", OBJECT)
+    if fmt is None or fmt.get("type") == "text":
+        return {}
+    if fmt.get("type") == "json_object":
+        return {"json_schema": json.dumps({"type": "object"})}
+    if fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict):
+        return {"json_schema": json.dumps(fmt["json_schema"].get("schema", {}))}
+    raise APIError(400, "`response_format.type` must be text, json_object or json_schema (with a json_schema "
+                        "object)", param="response_format")
+
+
+def _completion_prompts(prompt: Any, tokenizer) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return [tokenizer.encode(p) for p in prompt]
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return [prompt]
+        if all(isinstance(p, list) for p in prompt):
+            return prompt  # the engine checks the ids
+    if prompt is None:
+        raise APIError(400, "`prompt` is required", param="prompt")
+    raise APIError(400, "`prompt` must be a string, a list of strings, a list of token ids or a list of such "
+                        "lists (non-empty)", param="prompt")
+
+
+def _rid(body: Body, prefix: str) -> str:
+    return body.get("rid", STR) or f"{prefix}-{uuid.uuid4().hex}"

@@ -1,0 +1,67 @@
+"""Shared set-up of the server tests: a tiny random Llama with SmolLM2's tokenizer (and chat
+template), a persistent compilation cache so that every module after the first starts in
+seconds, and a real uvicorn server on a free port of 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+
+import jaxserve
+from jaxserve.server import ServerThread
+
+ENGINE_ARGS = dict(max_running_requests=32, max_prefill_tokens=256, chunked_prefill_size=128, context_length=512,
+                   max_total_tokens=16384, dtype="float32")
+
+
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny model, saved once per test session."""
+    path = tmp_path_factory.getbasetemp() / "server-tiny-model"
+    if not (path / "config.json").exists():
+        from jaxserve.tokenizer import load_tokenizer
+        from jaxserve.weights.gguf_file import bundled_model_path
+        from tests.hf_models import save_tiny_model
+
+        save_tiny_model("llama3", path, seed=11, vocab_size=49152, max_position_embeddings=1024)
+        load_tokenizer(bundled_model_path()).save(path)
+    return path
+
+
+def compilation_cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.getbasetemp() / "server-jax-cache")
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(tmp_path_factory, **overrides):
+    """An engine on the tiny model and a real HTTP server for it; yields the `ServerThread`."""
+    engine = jaxserve.Engine(str(tiny_model_dir(tmp_path_factory)),
+                             **{**ENGINE_ARGS, "compilation_cache_dir": compilation_cache_dir(tmp_path_factory),
+                                "served_model_name": "tiny", **overrides})
+    server = ServerThread(engine)
+    try:
+        yield server
+    finally:
+        server.stop()
+        engine.shutdown()
+
+
+def assert_idle_accounting(client) -> dict:
+    """At idle every page is free, evictable or locked, and none is locked."""
+    import time
+
+    for _ in range(100):  # aborts reach the scheduler asynchronously
+        info = client.get("/get_server_info").json()
+        if info["num_running_reqs"] == info["num_waiting_reqs"] == 0 and info["locked_pages"] == 0:
+            break
+        time.sleep(0.1)
+    assert info["num_running_reqs"] == info["num_waiting_reqs"] == 0, info
+    assert info["free_pages"] + info["evictable_pages"] + info["locked_pages"] == info["total_pages"], info
+    assert info["locked_pages"] == 0, info
+    return info
