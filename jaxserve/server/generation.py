@@ -138,7 +138,7 @@ class Generation:
                 else:
                     yield index, item
         finally:
-            self.abort()
+            self.close()
 
     async def results(self) -> list[dict]:
         """The final output of every branch, in index order."""
@@ -148,13 +148,17 @@ class Generation:
         return [final[b.index] for b in self.branches]
 
     def abort(self) -> None:
-        """Abort whatever has not finished (idempotent; safe from any coroutine)."""
+        """Abort whatever has not finished; each branch still ends with an `abort` output."""
         self._aborted = True
         for branch in self.branches:
             if branch.index not in self._finished:
                 self.engine.abort(branch.rid)
         for prompt in self.prompts:
             self.engine.abort(_prefill_rid(prompt.rid))
+
+    def close(self) -> None:
+        """Abort and stop: nobody reads the outputs any more (idempotent)."""
+        self.abort()
         for task in self._tasks:
             task.cancel()
 

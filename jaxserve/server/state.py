@@ -51,7 +51,7 @@ class ServerState:
 
     def end(self, generation: Generation) -> None:
         """Abort what is left of a generation and forget it."""
-        generation.abort()
+        generation.close()
         for rid in generation.user_rids:
             if self.active.get(rid) is generation:
                 del self.active[rid]
@@ -74,7 +74,7 @@ class ServerState:
     async def run(self, request: Request, generation: Generation) -> list[dict]:
         """Final outputs of a non-streaming generation; aborts it if the client disconnects."""
         try:
-            return await until_disconnect(request, generation.results(), generation.abort)
+            return await until_disconnect(request, generation.results(), generation.close)
         finally:
             self.end(generation)
 
