@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import json
 import random
-import statistics
 import time
 from typing import Any, AsyncIterator
 

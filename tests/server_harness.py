@@ -1,12 +1,18 @@
 """Shared set-up of the server tests: a tiny random Llama with SmolLM2's tokenizer (and chat
 template), a persistent compilation cache so that every module after the first starts in
-seconds, and a real uvicorn server on a free port of 127.0.0.1."""
+seconds, and a real uvicorn server on a free port of 127.0.0.1.
+
+Test modules import the `server` and `http` fixtures; being module-scoped, each module
+gets its own server."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 from pathlib import Path
+
+import httpx
+import pytest
 
 import jaxserve
 from jaxserve.server import ServerThread
@@ -65,3 +71,17 @@ def assert_idle_accounting(client) -> dict:
     assert info["free_pages"] + info["evictable_pages"] + info["locked_pages"] == info["total_pages"], info
     assert info["locked_pages"] == 0, info
     return info
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real server on the tiny model, for one test module."""
+    with running_server(tmp_path_factory) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """An httpx client for `server`."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c

@@ -10,21 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_harness import assert_idle_accounting, running_server
+from tests.server_harness import assert_idle_accounting, http, server  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 async def stream_generate(client: httpx.AsyncClient, body: dict, keep: int | None = None) -> list[dict]:

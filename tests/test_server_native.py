@@ -4,25 +4,11 @@ prefill-only caching, logprobs, abort, sessions, info routes and /metrics."""
 import json
 import threading
 
-import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server_harness import assert_idle_accounting, running_server
+from tests.server_harness import assert_idle_accounting, http, server  # noqa: F401 (fixtures)
 
 GREEDY = {"max_new_tokens": 8, "temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def sse_events(http, body) -> list:

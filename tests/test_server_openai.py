@@ -1,30 +1,17 @@
 """The `openai` client against a real server: chat and completions, streaming and not,
 n=2, stop strings, logprobs, cached-token usage, errors."""
 
-import httpx
 import openai
 import pytest
 
-from tests.server_harness import assert_idle_accounting, running_server
+from tests.server_harness import assert_idle_accounting, http, server  # noqa: F401 (fixtures)
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def stream_texts(chunks) -> dict[int, str]:

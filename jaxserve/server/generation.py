@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from typing import Any, AsyncIterator
 
 from jaxserve.errors import InvalidRequestError
@@ -82,14 +83,11 @@ class Generation:
         self._tasks: list[asyncio.Task] = []
         self._finished: set[int] = set()
         self._aborted = False
+        self.created = time.monotonic()
 
     @property
     def user_rids(self) -> list[str]:
         return [p.rid for p in self.prompts]
-
-    @property
-    def engine_rids(self) -> list[str]:
-        return [b.rid for b in self.branches] + [_prefill_rid(p.rid) for p in self.prompts]
 
     async def start(self) -> None:
         """Validate every prompt and open its branches; raises `InvalidRequestError`."""
@@ -153,8 +151,9 @@ class Generation:
         for branch in self.branches:
             if branch.index not in self._finished:
                 self.engine.abort(branch.rid)
-        for prompt in self.prompts:
-            self.engine.abort(_prefill_rid(prompt.rid))
+        for i, prompt in enumerate(self.prompts):
+            if len(self._branches_of(i)) > 1:
+                self.engine.abort(_prefill_rid(prompt.rid))
 
     def close(self) -> None:
         """Abort and stop: nobody reads the outputs any more (idempotent)."""
@@ -163,7 +162,7 @@ class Generation:
             task.cancel()
 
     async def _run_prompt(self, i: int, queue: asyncio.Queue) -> None:
-        branches = [b for b in self.branches if b.prompt == i]
+        branches = self._branches_of(i)
         try:
             if len(branches) > 1 and not self._aborted:
                 prompt = self.prompts[i]
@@ -176,8 +175,11 @@ class Generation:
         except Exception as exc:  # surfaces in events(), which aborts the rest
             queue.put_nowait((-1, exc))
 
+    def _branches_of(self, prompt: int) -> list[_Branch]:
+        return [b for b in self.branches if b.prompt == prompt]
+
     async def _pump(self, branch: _Branch, queue: asyncio.Queue) -> None:
-        tracker: RequestTracker = self.metrics.track()
+        tracker: RequestTracker = self.metrics.track(self.created)  # TTFT includes an n > 1 prefill
         if self._aborted:  # aborted before this branch started: abort right after its submit
             asyncio.get_running_loop().call_soon(self.engine.abort, branch.rid)
         try:

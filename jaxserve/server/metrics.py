@@ -42,9 +42,9 @@ class ServerMetrics:
                              buckets=_E2E_BUCKETS, registry=r)
         r.register(_EngineState(server_info))
 
-    def track(self) -> RequestTracker:
-        """A tracker for one engine request, started now."""
-        return RequestTracker(self)
+    def track(self, start: float | None = None) -> RequestTracker:
+        """A tracker for one engine request that arrived at `start` (`time.monotonic()`; default now)."""
+        return RequestTracker(self, start)
 
     def render(self) -> bytes:
         """The text exposition; blocks on the engine for live state, so call it off the event loop."""
@@ -54,9 +54,9 @@ class ServerMetrics:
 class RequestTracker:
     """Turns one request's cumulative outputs into latency observations and final counts."""
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ServerMetrics, start: float | None = None):
         self.metrics = metrics
-        self.start = self.last = time.monotonic()
+        self.start = self.last = time.monotonic() if start is None else start
         self.tokens = 0
         self.done = False
 

@@ -49,7 +49,7 @@ def native_routes(state: ServerState) -> list[Route]:
         generation = await state.begin(prompts, options, body.get("session_params", OBJECT))
         multi = batched or len(generation.branches) > 1
         if body.get("stream", BOOL, False):
-            return state.stream(generation, lambda g: _stream(g, multi))
+            return state.stream(generation, _stream(generation, multi))
         results = await state.run(request, generation)
         return json_response(results if multi else results[0])
 

@@ -57,7 +57,7 @@ async def _serve(state: ServerState, request: Request, req: OpenAIRequest) -> Re
         raise APIError(400, openai_message(str(e))) from None
     view = _View(req, generation, int(time.time()))
     if req.stream:
-        return state.stream(generation, lambda g: view.stream())
+        return state.stream(generation, view.stream())
     results = await state.run(request, generation)
     return json_response(view.response(dict(enumerate(results))))
 

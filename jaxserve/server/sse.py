@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from jaxserve.server.protocol import APIError
 
@@ -30,8 +31,8 @@ def event(payload: Any) -> bytes:
 
 
 def sse_response(events: AsyncIterator[bytes], on_close: Callable[[], None]) -> StreamingResponse:
-    """Stream `events`, then `[DONE]`. `on_close` runs however the stream ends, also when the
-    client disconnects (Starlette then cancels the body), so the engine work can be aborted."""
+    """Stream `events`, then `[DONE]`. `on_close` (idempotent) runs however the stream ends, also
+    when the client disconnects (Starlette then cancels the body), so the engine work is aborted."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -47,7 +48,21 @@ def sse_response(events: AsyncIterator[bytes], on_close: Callable[[], None]) -> 
         yield DONE
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of tokens
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return _SSEResponse(body(), on_close, media_type="text/event-stream", headers=headers)
+
+
+class _SSEResponse(StreamingResponse):
+    """Also runs `on_close` when the body never started (client gone before the first byte)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 async def until_disconnect(request: Request, work: Awaitable[T], on_disconnect: Callable[[], None]) -> T:

@@ -78,9 +78,10 @@ class ServerState:
         finally:
             self.end(generation)
 
-    def stream(self, generation: Generation, render: Callable[[Generation], AsyncIterator[bytes]]) -> Response:
-        """An SSE response of `render(generation)`; ends the generation however the stream ends."""
-        return sse_response(render(generation), lambda: self.end(generation))
+    def stream(self, generation: Generation, events: AsyncIterator[bytes]) -> Response:
+        """An SSE response of `events` (rendered from `generation`); ends the generation however
+        the stream ends."""
+        return sse_response(events, lambda: self.end(generation))
 
     async def off_loop(self, fn: Callable[[], Any]) -> Any:
         """Run a blocking engine call (one that waits for the scheduler thread) in a worker thread."""
