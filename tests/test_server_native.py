@@ -152,6 +152,7 @@ def test_abort_request_and_flush(http):
     assert_idle_accounting(http)
     assert http.post("/flush_cache").status_code == 200  # SGLang clients send no body ...
     assert http.post("/flush_cache", json={}).status_code == 200  # ... or {}
+    assert http.post("/flush_cache", json={"empty_cache": True}).status_code == 200  # ... or this (newer)
     assert http.get("/get_server_info").json()["evictable_pages"] == 0
 
 
