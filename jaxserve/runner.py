@@ -173,12 +173,13 @@ class ModelRunner:
         self.output_counts, self.prompt_mask, self.logit_bias = self._set_slot(
             self.output_counts, self.prompt_mask, self.logit_bias, np.int32(slot), padded, bias)
 
-    def dummy_input(self, num_tokens: int) -> StepInput:
+    def dummy_input(self, num_tokens: int, decode_only: bool) -> StepInput:
         """An all-padding batch of a bucket's shape, for warm-up."""
         max_seqs = self.max_seqs(num_tokens)
         batch = ForwardBatch.build([([0], 0, [0])], self.model.page_size, num_tokens=num_tokens,
                                    max_seqs=max_seqs, pages_per_seq=self.pages_per_seq)
         batch.num_seqs[:] = 0
+        batch.decode_only = decode_only
         rows = np.zeros(max_seqs, np.int32)
         return StepInput(batch, rows, rows.astype(bool), rows,
                          sampling.SamplingBatch.build([], pad_to=max_seqs, max_stop_ids=self.max_stop_ids),
@@ -189,7 +190,9 @@ class ModelRunner:
     def warmup(self) -> None:
         """Compile every bucket of the step and of the input-logprob program."""
         for n in self.buckets:
-            out = self.step(self.dummy_input(n))
+            out = self.step(self.dummy_input(n, decode_only=False))
             self.input_logprobs(out.hidden, np.zeros(n, np.int32), want_top=False)
+            if self.max_seqs(n) == n:  # buckets that a step of decode tokens only can use
+                self.step(self.dummy_input(n, decode_only=True))
         self.set_slot(0, np.zeros(1, np.int32), None)
         logger.info("warm-up compiled %d token buckets: %s", len(self.buckets), self.buckets)

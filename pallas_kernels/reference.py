@@ -13,7 +13,7 @@ causally to keys 0..position. Sequences at index >= num_seqs and tokens at index
 cu_q_lens[num_seqs] are padding; their outputs are zero.
 
 The reference walks the KV pages in blocks with an online softmax, so memory stays
-bounded (tokens x block) and the work is proportional to tokens x context. It is
+bounded (query blocks x KV block) and the work is proportional to tokens x context. It is
 also the attention backend on CPU. The math lives in `common.py`, shared with the
 kernels; the decode reference is in `decode_reference.py`.
 """
@@ -32,8 +32,15 @@ from pallas_kernels.common import (  # noqa: F401
     finalize,
     init_softmax_state,
     online_softmax_update,
+    q_block_schedule,
     token_layout,
 )
+
+
+def default_block_q(num_tokens: int, max_seqs: int) -> int:
+    """Query rows per block: about the tokens of an average sequence, a power of two <= 64."""
+    per_seq = max(1, num_tokens // max(max_seqs, 1))
+    return min(64, 1 << (per_seq.bit_length() - 1))
 
 
 def ragged_paged_attention(
@@ -49,39 +56,55 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     sliding_window: int | None = None,
     block_tokens: int = 256,
+    block_q: int | None = None,
 ):
-    """Attention of a ragged batch of queries over the paged KV cache. Returns [T, Hq, D]."""
+    """Attention of a ragged batch of queries over the paged KV cache. Returns [T, Hq, D].
+
+    Queries are cut into blocks of `block_q` tokens that never span two sequences, so a
+    block gathers its sequence's pages once for all its rows: gathered KV traffic is
+    (blocks x context), not (tokens x context), which is what makes long prefills
+    affordable on CPU.
+    """
     q, k_pages, v_pages = jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages)
     kv_lens, page_table, cu_q_lens = jnp.asarray(kv_lens), jnp.asarray(page_table), jnp.asarray(cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
+    max_seqs, pages_per_seq = page_table.shape
     group = num_q_heads // num_kv_heads
-    pages_per_seq = page_table.shape[1]
     pages_per_block = max(1, min(pages_per_seq, block_tokens // page_size))
-    num_blocks = -(-pages_per_seq // pages_per_block)
-    pad = num_blocks * pages_per_block - pages_per_seq
-    page_table = jnp.pad(page_table, ((0, 0), (0, pad)))
-
-    seq_ids, q_pos, valid = token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens)
-    kv_len = jnp.where(valid, kv_lens[seq_ids], 0)  # [T]
-    # [T, Hkv, group, D]: the query heads that share a KV head sit together.
-    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
+    num_kv_blocks = -(-pages_per_seq // pages_per_block)
+    page_table = jnp.pad(page_table, ((0, 0), (0, num_kv_blocks * pages_per_block - pages_per_seq)))
     block_len = pages_per_block * page_size
 
-    def body(b, carry):
-        pages = jax.lax.dynamic_slice_in_dim(page_table, b * pages_per_block, pages_per_block, 1)
-        pages = pages[seq_ids]  # [T, pages_per_block]
-        # [T, Hkv, block_len, D]
-        k = k_pages[pages].reshape(num_tokens, block_len, num_kv_heads, head_dim).transpose(0, 2, 1, 3)
-        v = v_pages[pages].reshape(num_tokens, block_len, num_kv_heads, head_dim).transpose(0, 2, 1, 3)
-        scores = attention_scores(qg, k.astype(jnp.float32), sm_scale, soft_cap)  # [T, Hkv, group, K]
-        k_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)
-        mask = attention_mask(q_pos[:, None], k_pos[None, :], kv_len[:, None], sliding_window)
-        return online_softmax_update(*carry, scores, mask[:, None, None, :], v.astype(jnp.float32))
+    block_q = block_q or default_block_q(num_tokens, max_seqs)
+    num_q_blocks = min(-(-num_tokens // block_q) + max_seqs, num_tokens)  # static bound, each block >= 1 token
+    seq, start, end = q_block_schedule(cu_q_lens, num_seqs, block_q, num_q_blocks)  # [W]
+    rows = start[:, None] + jnp.arange(block_q, dtype=jnp.int32)  # [W, block_q] token index
+    row_ok = rows < end[:, None]
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    kv_len = jnp.where(end > start, kv_lens[seq], 0)  # [W]
+    q_pos = (kv_len - q_len)[:, None] + rows - cu_q_lens[seq][:, None]  # [W, block_q]
+    # [W, Hkv, group * block_q, D]: a KV head's query heads and rows form one matrix.
+    qb = q[jnp.minimum(rows, num_tokens - 1)].astype(jnp.float32)  # [W, block_q, Hq, D]
+    qb = qb.reshape(num_q_blocks, block_q, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    qb = qb.reshape(num_q_blocks, num_kv_heads, group * block_q, head_dim)
+    row_pos = jnp.tile(q_pos, (1, group))  # [W, group * block_q], matching qb's row order
 
-    init = init_softmax_state((num_tokens, num_kv_heads, group), head_dim)
-    # Only walk as many blocks as the longest sequence in the batch needs.
-    used_blocks = -(-jnp.max(kv_len) // block_len)
-    _, l, acc = jax.lax.fori_loop(0, used_blocks, body, init)
-    out = finalize(l, acc).reshape(num_tokens, num_q_heads, head_dim)
-    return jnp.where(valid[:, None, None], out, 0.0).astype(q.dtype)
+    def body(b, carry):
+        pages = jax.lax.dynamic_slice_in_dim(page_table, b * pages_per_block, pages_per_block, 1)[seq]
+        # [W, Hkv, block_len, D]
+        k = k_pages[pages].reshape(num_q_blocks, block_len, num_kv_heads, head_dim).transpose(0, 2, 1, 3)
+        v = v_pages[pages].reshape(num_q_blocks, block_len, num_kv_heads, head_dim).transpose(0, 2, 1, 3)
+        scores = attention_scores(qb, k.astype(jnp.float32), sm_scale, soft_cap)  # [W, Hkv, rows, K]
+        k_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)
+        mask = attention_mask(row_pos[:, :, None], k_pos, kv_len[:, None, None], sliding_window)
+        return online_softmax_update(*carry, scores, mask[:, None], v.astype(jnp.float32))
+
+    init = init_softmax_state((num_q_blocks, num_kv_heads, group * block_q), head_dim)
+    # Only walk as many KV blocks as the longest sequence in the batch needs.
+    _, l, acc = jax.lax.fori_loop(0, -(-jnp.max(kv_len) // block_len), body, init)
+    out = finalize(l, acc).reshape(num_q_blocks, num_kv_heads, group, block_q, head_dim)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(num_q_blocks * block_q, num_q_heads, head_dim)
+    target = jnp.where(row_ok, rows, num_tokens).reshape(-1)  # rows past a block's end are dropped
+    result = jnp.zeros((num_tokens, num_q_heads, head_dim), jnp.float32).at[target].set(out, mode="drop")
+    return result.astype(q.dtype)

@@ -19,7 +19,7 @@ FAMILIES = {
 }
 
 
-def save_tiny_model(family: str, path, seed: int = 0, **overrides) -> None:
+def save_tiny_model(family: str, path, seed: int = 0, max_shard_size: str | None = None, **overrides) -> None:
     """save_pretrained a randomly initialised tiny model of `family` (safetensors) to `path`."""
     import torch
     import transformers
@@ -32,7 +32,7 @@ def save_tiny_model(family: str, path, seed: int = 0, **overrides) -> None:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
 
 
 def hf_logits(path, input_ids) -> np.ndarray:

@@ -64,10 +64,11 @@ def test_reference_matches_brute_force(page_size, block_tokens, hq, hkv):
     kv_lens = [7, 5 + 2 * page_size + 3, 1, 40, 3 * page_size]
     q, k, v, lens, pt, cu = random_batch(rng, q_lens, kv_lens, hq, hkv, 16, page_size, 64, 8, 3)
     expect = brute_force(q, k, v, lens, pt, q_lens, 0.25)
-    got = ref.ragged_paged_attention(q, k, v, lens, pt, cu, np.array([len(q_lens)], np.int32),
-                                     sm_scale=0.25, block_tokens=block_tokens)
-    np.testing.assert_allclose(np.asarray(got), expect, rtol=1e-5, atol=1e-5)
-    assert np.all(np.asarray(got)[sum(q_lens):] == 0)
+    for block_q in (1, 4, 64, None):  # query blocks of one token, several, one per sequence, default
+        got = ref.ragged_paged_attention(q, k, v, lens, pt, cu, np.array([len(q_lens)], np.int32),
+                                         sm_scale=0.25, block_tokens=block_tokens, block_q=block_q)
+        np.testing.assert_allclose(np.asarray(got), expect, rtol=1e-5, atol=1e-5)
+        assert np.all(np.asarray(got)[sum(q_lens):] == 0)
 
 
 def test_reference_sliding_window_and_api():

@@ -13,10 +13,12 @@ REL = 1e-4
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    save_tiny_model(request.param, path, seed=len(request.param))
+    # qwen2 is saved as several safetensors files with an index, the others as one file.
+    save_tiny_model(request.param, path, seed=len(request.param), max_shard_size="100KB" if request.param == "qwen2" else None)
     rng = np.random.default_rng(len(request.param))
     ids = [rng.integers(3, 256, size=n) for n in (23, 17, 9)]
     model = load(path, dtype="float32", page_size=PAGE, with_tokenizer=False)
+    assert len(list(path.glob("*.safetensors"))) > 1 or request.param != "qwen2"
     return model, ids, [hf_logits(path, x) for x in ids]
 
 
@@ -26,13 +28,16 @@ def pages_for(rng, n_seqs, max_pages=8, pool=64):
     return [perm[i * max_pages : (i + 1) * max_pages] for i in range(n_seqs)]
 
 
-def run_steps(model, steps, pool=64):
-    """steps: list of batches, each a list of (seq, ids, start, pages); logits per seq, in order."""
+def run_steps(model, steps, pool=64, pad=3):
+    """steps: list of batches, each a list of (seq, ids, start, pages); logits per seq, in order.
+
+    Each batch gets `pad` padded tokens and `pad` - 1 padded sequences (pad 1 with one
+    token per sequence makes a decode-only batch)."""
     k, v = model.new_kv_cache(pool)
     out = {}
     for step in steps:
         batch = ForwardBatch.build([(ids, start, pages) for _, ids, start, pages in step], model.page_size,
-                                   num_tokens=sum(len(s[1]) for s in step) + 3, max_seqs=len(step) + 2)
+                                   num_tokens=sum(len(s[1]) for s in step) + pad, max_seqs=len(step) + pad)
         logits, k, v = model.forward(batch, k, v)
         logits = np.asarray(logits)
         t = 0
@@ -63,6 +68,20 @@ def test_token_by_token_decode(family):
     x = ids[1]
     steps = [[(0, x[:3], 0, pages)]] + [[(0, x[i : i + 1], i, pages)] for i in range(3, len(x))]
     assert_logits_close(run_steps(model, steps)[0], refs[1], REL)
+
+
+def test_decode_only_batches(family):
+    """Two sequences decoding together take the split-K decode path (T == max_seqs)."""
+    model, ids, refs = family
+    pages = pages_for(np.random.default_rng(4), 2)
+    a, b = ids[0], ids[1]
+    steps = [[(0, a[:6], 0, pages[0]), (1, b[:6], 0, pages[1])]]
+    steps += [[(0, a[i : i + 1], i, pages[0]), (1, b[i : i + 1], i, pages[1])] for i in range(6, len(b))]
+    batch = ForwardBatch.build([(a[6:7], 6, pages[0]), (b[6:7], 6, pages[1])], PAGE, num_tokens=3, max_seqs=3)
+    assert batch.decode_only
+    got = run_steps(model, steps, pad=1)
+    assert_logits_close(got[0], refs[0][: len(b)], REL)
+    assert_logits_close(got[1], refs[1], REL)
 
 
 def test_ragged_batch_mixed(family):

@@ -8,7 +8,6 @@ import jax
 import numpy as np
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ForwardBatch:
     """A ragged batch of prefill chunks, extends and decode tokens, padded to a bucket.
@@ -24,6 +23,9 @@ class ForwardBatch:
     kv_lens: jax.Array  # [max_seqs] int32
     page_table: jax.Array  # [max_seqs, pages_per_seq] int32
     num_seqs: jax.Array  # [1] int32
+    # Static: every sequence feeds exactly one token and token i belongs to sequence i
+    # (T == max_seqs), so attention can take the split-K decode path.
+    decode_only: bool = False
 
     @staticmethod
     def build(seqs, page_size: int, num_tokens: int | None = None, max_seqs: int | None = None,
@@ -54,5 +56,13 @@ class ForwardBatch:
             kv_lens[s] = start + n
             page_table[s, : len(pages)] = pages
             t += n
+        decode_only = num_tokens == max_seqs and all(len(ids) == 1 for ids, _, _ in seqs)
         return ForwardBatch(input_ids, positions, slots, cu_q_lens, kv_lens, page_table,
-                            np.array([len(seqs)], np.int32))
+                            np.array([len(seqs)], np.int32), decode_only)
+
+
+jax.tree_util.register_dataclass(
+    ForwardBatch,
+    data_fields=["input_ids", "positions", "slot_mapping", "cu_q_lens", "kv_lens", "page_table", "num_seqs"],
+    meta_fields=["decode_only"],
+)

@@ -68,10 +68,13 @@ class Attention(nnx.Module):
         row = batch.slot_mapping % page_size
         k_pages = k_pages.at[page, row].set(k.astype(k_pages.dtype))
         v_pages = v_pages.at[page, row].set(v.astype(v_pages.dtype))
-        out = pallas_kernels.ragged_paged_attention(
-            q, k_pages, v_pages, batch.kv_lens, batch.page_table + page_offset, batch.cu_q_lens,
-            batch.num_seqs, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window, **attn,
-        )
+        common = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window, **attn)
+        if batch.decode_only:
+            out = pallas_kernels.paged_decode(q, k_pages, v_pages, batch.kv_lens, batch.page_table + page_offset, **common)
+        else:
+            out = pallas_kernels.ragged_paged_attention(
+                q, k_pages, v_pages, batch.kv_lens, batch.page_table + page_offset, batch.cu_q_lens,
+                batch.num_seqs, **common)
         return self.o_proj(out.reshape(t, -1)), k_pages, v_pages
 
 
