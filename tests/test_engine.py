@@ -208,3 +208,38 @@ def test_session_keeps_conversation_locked(engine, prompts):
         engine.generate(input_ids=[1], session_params={"id": "nope"})
     engine.close_session(sid)
     assert_idle_accounting(engine)
+
+
+def test_prefill_progress_is_shared_with_later_requests(engine, alone):
+    """A long shared prefix computed by one request's first chunk serves a request admitted
+    while the first is still prefilling; outputs stay those of each prompt alone."""
+    engine.flush_cache()
+    rng = np.random.default_rng(1)
+    shared = rng.integers(3, 49152, size=200).tolist()
+    prompts = [shared + rng.integers(3, 49152, size=5).tolist() for _ in range(2)]
+    both = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+    assert both[0]["meta_info"]["cached_tokens"] == 0
+    assert both[1]["meta_info"]["cached_tokens"] >= 128  # the first chunk (budget 128) of request 0
+    engine.flush_cache()
+    assert [r["output_ids"] for r in both] == [
+        engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"] for p in prompts]
+    assert_idle_accounting(engine)
+
+
+def test_consumer_loop_closing_mid_stream_aborts_only_that_request(engine, prompts):
+    import asyncio
+    import time
+
+    async def read_one_chunk():
+        stream = await engine.async_generate(input_ids=prompts[0], sampling_params={**GREEDY, "max_new_tokens": 200},
+                                             stream=True)
+        await stream.__anext__()
+
+    asyncio.run(read_one_chunk())  # the loop closes with the request still running
+    time.sleep(1.0)
+    assert engine.scheduler._thread.is_alive()
+    assert engine.generate(input_ids=prompts[1], sampling_params=GREEDY)["meta_info"]["completion_tokens"] == 24
+    deadline = time.monotonic() + 10
+    while engine.get_server_info()["num_running_reqs"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert_idle_accounting(engine)

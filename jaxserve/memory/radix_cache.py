@@ -178,6 +178,15 @@ class RadixCache:
             node = leaf
         return pos // _TOKEN_BYTES, node
 
+    def path_pages(self, node: RadixNode) -> np.ndarray:
+        """The pages from the root down to ``node`` (the KV of the prefix it ends), without
+        counting a hit or touching access times."""
+        parts: list[np.ndarray] = []
+        while node is not self._root:
+            parts.append(node.pages)
+            node = node.parent  # type: ignore[assignment]
+        return np.concatenate(parts[::-1]) if parts else _EMPTY_PAGES
+
     def _touch(self, node: RadixNode) -> list[np.ndarray]:
         """Mark the path from the root to ``node`` as used now; returns its page arrays
         from ``node`` up. Only ``node`` can be a leaf, so it alone is offered to the

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from jaxserve.memory import PageAllocator, RadixCache
+from jaxserve.memory import NoRadixCache, PageAllocator, RadixCache
 from jaxserve.models import ForwardBatch
 from jaxserve.runner import ModelRunner, StepInput
 from jaxserve.sampling import SamplingBatch
@@ -210,6 +210,8 @@ class Scheduler:
         input_lps = self._input_logprobs(rows, batch, out.hidden)
         for i, (req, chunk) in enumerate(rows):
             req.num_computed += chunk
+            if not emit[i]:
+                self._cache_prefill_progress(req)
             new_tokens, output_lps = [], []
             if emit[i]:
                 token = int(out.tokens[i])
@@ -250,6 +252,25 @@ class Scheduler:
             result.setdefault(req.rid, []).append(entry)
         return result
 
+    def _cache_prefill_progress(self, req: Request) -> None:
+        """Insert the whole pages a prefill chunk computed, so requests admitted later share
+        them while this one is still prefilling; the request's lock moves to the new node.
+
+        If another request cached the same tokens meanwhile, its pages (same KV) replace
+        ours in this request's page table and ours are freed.
+        """
+        full = req.num_computed // self.page_size
+        if isinstance(self.cache, NoRadixCache) or full <= len(req.cache_pages):
+            return
+        pages = req.pages
+        _, node = self.cache.insert_with_node(req.tokens[: full * self.page_size], pages[:full])
+        self.cache.lock(node)
+        self.cache.unlock(req.node)
+        cached = self.cache.path_pages(node)  # [full]
+        mine = pages[len(req.cache_pages) : full]
+        self.allocator.free(mine[mine != cached[len(req.cache_pages) :]])
+        req.node, req.cache_pages, req.own_pages = node, cached, pages[full:]
+
     def _finish_reason(self, req: Request, new_tokens: list[int]) -> dict | None:
         if req.prefill_only and req.num_computed == req.num_tokens:
             return {"type": "length", "length": 0}
@@ -267,8 +288,8 @@ class Scheduler:
             self._release(req, keep=False)
             req.status, req.finish_reason = Status.FINISHED, reason
         if new_tokens or input_lps or reason is not None:
-            req.on_output(RequestOutput(req.rid, new_tokens, output_lps, input_lps, reason is not None, reason,
-                                        len(req.prompt_ids), req.cached_tokens))
+            self._deliver(req, RequestOutput(req.rid, new_tokens, output_lps, input_lps, reason is not None, reason,
+                                             len(req.prompt_ids), req.cached_tokens))
 
     def _finish(self, req: Request, reason: dict) -> None:
         if req.status is Status.FINISHED:
@@ -278,7 +299,17 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         req.status, req.finish_reason = Status.FINISHED, reason
-        req.on_output(RequestOutput(req.rid, [], [], [], True, reason, len(req.prompt_ids), req.cached_tokens))
+        self._deliver(req, RequestOutput(req.rid, [], [], [], True, reason, len(req.prompt_ids), req.cached_tokens))
+
+    def _deliver(self, req: Request, out: RequestOutput) -> None:
+        """Hand an output to the request's consumer; a consumer that went away (its event
+        loop closed) aborts its request instead of taking the scheduler down."""
+        try:
+            req.on_output(out)
+        except Exception:
+            logger.warning("request %s lost its consumer; aborting it", req.rid, exc_info=True)
+            if not out.finished:
+                self.abort(req.rid)
 
     def _abort(self, rid: str, reason: dict | None) -> None:
         for req in self.running + self.waiting:
