@@ -1,7 +1,8 @@
 """OutputCollector: scheduler outputs of one request -> SGLang `/generate` response dicts.
 
 Detokenizes incrementally, applies stop strings and stop regexes on the text (the scheduler
-only knows token ids), and formats logprobs as `[logprob, token_id, text or None]`.
+only knows token ids), holds back a streamed tail that may still become a stop string, and
+formats logprobs as `[logprob, token_id, text or None]`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,23 @@ import time
 from jaxserve.sampling import SamplingParams
 from jaxserve.scheduler.request import RequestOutput
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+def stable_text(text: str, stops: list[str]) -> str:
+    """`text` minus any tail that could still grow into a stop string.
+
+    Streamed text must only ever grow: if "Hel" went out and the next token completes the
+    stop string "Hello", the final text is cut before "Hel", which a client that already
+    printed it cannot undo. So a running request's tail that is a prefix of a stop string
+    is held back until it is decided.
+    """
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return text[: len(text) - hold] if hold else text
 
 
 class OutputCollector:
@@ -100,4 +118,5 @@ class OutputCollector:
         if self.return_logprob:
             meta["input_token_logprobs"], meta["input_top_logprobs"] = self._format(self.input_logprobs)
             meta["output_token_logprobs"], meta["output_top_logprobs"] = self._format(self.output_logprobs)
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
+        text = self.text if self.finished else stable_text(self.text, self.params.stop or [])
+        return {"text": text, "output_ids": list(self.output_ids), "meta_info": meta}

@@ -244,3 +244,12 @@ def test_consumer_loop_closing_mid_stream_aborts_only_that_request(engine, promp
     while engine.get_server_info()["num_running_reqs"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert_idle_accounting(engine)
+
+
+def test_streamed_text_only_grows_with_stop_strings(engine, prompts):
+    text = engine.generate(input_ids=prompts[4], sampling_params=GREEDY)["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 4]
+    pieces = [c["text"] for c in engine.generate(input_ids=prompts[4], sampling_params={**GREEDY, "stop": stop},
+                                                 stream=True)]
+    assert pieces[-1] == text[: text.find(stop)]
+    assert all(pieces[-1].startswith(p) for p in pieces)  # no piece showed text the stop later cut

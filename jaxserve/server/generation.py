@@ -18,7 +18,7 @@ from jaxserve.errors import InvalidRequestError
 from jaxserve.sampling import SamplingParams
 from jaxserve.server.metrics import RequestTracker, ServerMetrics
 
-__all__ = ["Generation", "LogprobOptions", "Prompt", "stable_text"]
+__all__ = ["Generation", "LogprobOptions", "Prompt"]
 
 
 @dataclasses.dataclass
@@ -44,24 +44,6 @@ class _Branch:
     prompt: int
     rid: str
     stream: AsyncIterator[dict]
-    stops: list[str]
-
-
-def stable_text(text: str, stops: list[str]) -> str:
-    """`text` minus any tail that could still grow into a stop string.
-
-    Streamed text must only ever grow: if "Hel" went out and the next token completes the
-    stop string "Hello", the final text is cut before "Hel", which a client that already
-    printed it cannot undo. So a running request's tail that is a prefix of a stop string
-    is held back until it is decided.
-    """
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:k]):
-                hold = k
-                break
-    return text[: len(text) - hold] if hold else text
 
 
 class Generation:
@@ -119,7 +101,7 @@ class Generation:
             stream = await self.engine.async_generate(
                 input_ids=prompt.input_ids, sampling_params=branch, rid=rid, stream=True,
                 **dataclasses.asdict(self.options), **extra)
-            self.branches.append(_Branch(len(self.branches), i, rid, stream, params.stop or []))
+            self.branches.append(_Branch(len(self.branches), i, rid, stream))
 
     async def events(self) -> AsyncIterator[tuple[int, dict]]:
         """Cumulative outputs of every branch as they come; each branch ends with a finished one."""
@@ -185,9 +167,7 @@ class Generation:
         try:
             async for out in branch.stream:
                 tracker.update(out)
-                if out["meta_info"]["finish_reason"] is None:
-                    out["text"] = stable_text(out["text"], branch.stops)
-                else:
+                if out["meta_info"]["finish_reason"] is not None:
                     self._finished.add(branch.index)
                 queue.put_nowait((branch.index, out))
         finally:
