@@ -93,9 +93,9 @@ def test_radix_cache_on_equals_off_and_reports_hits(tiny_dir, engine, prompts, a
         off.shutdown()
 
 
-def test_small_chunks_no_chunking_and_lpm_equal_alone(tiny_dir, prompts, alone):
+def test_chunking_lpm_and_tensor_parallel_equal_alone(tiny_dir, prompts, alone):
     for kw in ({"chunked_prefill_size": 8}, {"chunked_prefill_size": -1},
-               {"schedule_policy": "lpm", "max_running_requests": 4}):
+               {"schedule_policy": "lpm", "max_running_requests": 4}, {"tp_size": 2}):
         e = make_engine(tiny_dir, **kw)
         try:
             assert greedy_outputs(e, prompts) == alone, kw
