@@ -92,6 +92,8 @@ class Engine:
 
         `session_params={"id": sid}` appends the input to that session's conversation.
         """
+        if self._stopped.is_set():
+            raise RuntimeError("the engine is shut down")
         options = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
                        top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
         session = self._session_for(session_params)
