@@ -158,7 +158,8 @@ class Engine:
 
     def get_server_info(self) -> dict[str, Any]:
         stats = self.scheduler.call(self.scheduler.stats)
-        return {**vars(self.args), **stats, "context_length": self.context_length,
+        args = {**vars(self.args), "api_key": "<set>" if self.args.api_key else None}  # never echo the key
+        return {**args, **stats, "context_length": self.context_length,
                 "max_total_num_tokens": self.pool.max_total_tokens,
                 "compilations_after_warmup": compile_count() - self.compiles_at_ready}
 

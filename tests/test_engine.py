@@ -253,3 +253,11 @@ def test_streamed_text_only_grows_with_stop_strings(engine, prompts):
                                                  stream=True)]
     assert pieces[-1] == text[: text.find(stop)]
     assert all(pieces[-1].startswith(p) for p in pieces)  # no piece showed text the stop later cut
+
+
+def test_server_info_never_echoes_the_api_key(engine):
+    engine.args.api_key = "secret-key"
+    try:
+        assert "secret-key" not in str(engine.get_server_info())
+    finally:
+        engine.args.api_key = None
