@@ -33,7 +33,7 @@ def paged_decode(
     soft_cap: float | None = None,
     sliding_window: int | None = None,
     num_splits: int = 1,
-    block_tokens: int = 256,
+    block_tokens: int = 64,  # small KV blocks: the gathered traffic tracks the real context
 ):
     """Decode attention over paged KV, split-K over the pages. Returns [B, Hq, D]."""
     q, k_pages, v_pages = jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages)

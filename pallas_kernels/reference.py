@@ -55,7 +55,7 @@ def ragged_paged_attention(
     sm_scale: float,
     soft_cap: float | None = None,
     sliding_window: int | None = None,
-    block_tokens: int = 256,
+    block_tokens: int = 64,  # small KV blocks: the gathered traffic tracks the real context
     block_q: int | None = None,
 ):
     """Attention of a ragged batch of queries over the paged KV cache. Returns [T, Hq, D].
