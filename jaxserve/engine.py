@@ -192,7 +192,8 @@ class Engine:
         if len(params_list) != len(id_lists) or len(rids) != len(id_lists):
             raise InvalidRequestError("`sampling_params` and `rid` lists must match the number of prompts")
         if session is not None:
-            if len(id_lists) != 1 or session.busy or (params_list[0] or {}).get("n", 1) not in (1, None):
+            first = params_list[0] if isinstance(params_list[0], dict) else {}
+            if len(id_lists) != 1 or session.busy or first.get("n") not in (1, None):
                 raise InvalidRequestError(f"session {session.id} takes one prompt at a time, with n=1")
             id_lists = [session.tokens.tolist() + list(id_lists[0])]
         return [(self._check_ids(ids), self._check_params(p, len(ids), options), r or uuid.uuid4().hex)
