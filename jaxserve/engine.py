@@ -21,12 +21,12 @@ import numpy as np
 from jaxserve.config import ServerArgs
 from jaxserve.errors import InvalidRequestError
 from jaxserve.memory import NoRadixCache, PageAllocator, RadixCache, size_kv_pool
-from jaxserve.models import load
 from jaxserve.outputs import OutputCollector
 from jaxserve.runner import MAX_TOP_LOGPROBS, ModelRunner, compile_count
 from jaxserve.sampling import SamplingParams
 from jaxserve.scheduler import Request, Scheduler
 from jaxserve.scheduler.session import Session
+from jaxserve.weights import load
 
 logger = logging.getLogger(__name__)
 

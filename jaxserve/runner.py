@@ -22,7 +22,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve import sampling, sharding
-from jaxserve.models import ForwardBatch, LoadedModel
+from jaxserve.models import ForwardBatch
+from jaxserve.weights import LoadedModel
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from jaxserve.models import load
+from jaxserve.weights import load
 
 
 def test_convert_round_trip(tmp_path):

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from jaxserve.models import ForwardBatch, UnsupportedModelError, load
+from jaxserve.models import ForwardBatch, UnsupportedModelError
+from jaxserve.weights import load
 from tests.hf_models import FAMILIES, assert_logits_close, hf_logits, save_tiny_model
 
 PAGE = 4

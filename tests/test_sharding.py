@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxserve.models import ForwardBatch, load
+from jaxserve.models import ForwardBatch
+from jaxserve.weights import load
 from tests.hf_models import save_tiny_model
 
 IDS = np.random.default_rng(5).integers(3, 256, size=19)

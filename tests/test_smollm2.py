@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxserve.models import load
+from jaxserve.weights import load
 from jaxserve.weights.gguf_file import BUNDLED_GGUF, bundled_model_path
 
 

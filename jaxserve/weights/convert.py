@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 def convert(model_path: str | Path | None, output: str | Path, dtype: str = "bfloat16") -> Path:
     """Load `model_path` (HF dir, GGUF or None for the bundled model) and write it to `output`."""
-    from jaxserve.models import load
+    from jaxserve.weights import load
 
     model = load(model_path, dtype=dtype)
     output = Path(output)
