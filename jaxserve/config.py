@@ -11,6 +11,14 @@ class ServerArgsError(ValueError):
     """A flag value the engine cannot run with; the message names the flag and the fix."""
 
 
+# CPU: steps of ~0.1 s, so small batches keep latency down; a lone prompt fills the step.
+# GPU / TPU: SGLang's defaults for a large accelerator.
+BACKEND_DEFAULTS = {
+    "cpu": {"max_running_requests": 32, "max_prefill_tokens": 512, "chunked_prefill_size": 512},
+    "accelerator": {"max_running_requests": 256, "max_prefill_tokens": 16384, "chunked_prefill_size": 8192},
+}
+
+
 @dataclasses.dataclass
 class ServerArgs:
     model_path: str | None = None  # HF dir, .gguf, converted dir; None = bundled SmolLM2
@@ -19,13 +27,15 @@ class ServerArgs:
     page_size: int = 16
     max_total_tokens: int | None = None  # KV pool size in tokens; default from mem_fraction_static
     mem_fraction_static: float = 0.85
-    max_running_requests: int = 32
-    chunked_prefill_size: int = 256  # longest prefill chunk of one request; -1 disables chunking
-    max_prefill_tokens: int = 512  # token budget of one step (prefill chunks + decode tokens)
+    # None = per backend (see BACKEND_DEFAULTS): small on CPU, SGLang-like on GPU / TPU.
+    max_running_requests: int | None = None  # also the largest decode batch (a compiled bucket)
+    chunked_prefill_size: int | None = None  # longest prefill chunk of one request; -1 disables chunking
+    max_prefill_tokens: int | None = None  # token budget of one step (prefill chunks + decode tokens)
     schedule_policy: str = "fcfs"  # fcfs | lpm
     disable_radix_cache: bool = False
     context_length: int | None = None  # default: the model's max_position_embeddings
     attention_backend: str = "auto"  # auto | reference | pallas | triton | tpu
+    disable_overlap_schedule: bool = False  # plan step N+1 only after step N's results are back
     compilation_cache_dir: str | None = None
     chat_template: str | None = None
     random_seed: int = 0
@@ -46,10 +56,11 @@ class ServerArgs:
 
         need(self.page_size >= 1, f"--page-size must be >= 1, got {self.page_size}")
         need(self.tp_size >= 1, f"--tp-size must be >= 1, got {self.tp_size}")
-        need(self.max_running_requests >= 1, "--max-running-requests must be >= 1")
-        need(self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 1,
+        need(self.max_running_requests is None or self.max_running_requests >= 1,
+             "--max-running-requests must be >= 1")
+        need(self.chunked_prefill_size in (None, -1) or self.chunked_prefill_size >= 1,
              "--chunked-prefill-size must be >= 1, or -1 to disable chunking")
-        need(self.max_prefill_tokens >= 1, "--max-prefill-tokens must be >= 1")
+        need(self.max_prefill_tokens is None or self.max_prefill_tokens >= 1, "--max-prefill-tokens must be >= 1")
         need(0.0 < self.mem_fraction_static <= 1.0, "--mem-fraction-static must be in (0, 1]")
         need(self.max_total_tokens is None or self.max_total_tokens >= self.page_size,
              "--max-total-tokens must hold at least one page")
@@ -57,6 +68,15 @@ class ServerArgs:
         need(self.attention_backend in ("auto", "reference", "pallas", "triton", "tpu"),
              f"--attention-backend must be auto, reference, pallas, triton or tpu, got {self.attention_backend!r}")
         need(self.context_length is None or self.context_length >= 2, "--context-length must be >= 2")
+
+    def with_backend_defaults(self, backend: str) -> "ServerArgs":
+        """A copy with every per-backend default (None) filled in for `backend`."""
+        defaults = BACKEND_DEFAULTS["cpu" if backend == "cpu" else "accelerator"]
+        filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if self.chunked_prefill_size is None and self.max_prefill_tokens is not None:
+            # One lone long prompt fills the step budget.
+            filled["chunked_prefill_size"] = min(self.max_prefill_tokens, defaults["chunked_prefill_size"])
+        return dataclasses.replace(self, **filled)
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:

@@ -145,7 +145,7 @@ def test_abort_and_prefill_only_leave_accounting_exact(engine, prompts):
     from jaxserve.runner import compile_count
 
     compiles = compile_count()
-    stream = engine.generate(input_ids=prompts[5], sampling_params={**GREEDY, "max_new_tokens": 200}, stream=True,
+    stream = engine.generate(input_ids=prompts[5], sampling_params={**GREEDY, "max_new_tokens": 150}, stream=True,
                              rid="to-abort")
     chunks = 0
     for chunk in stream:

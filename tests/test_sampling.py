@@ -15,6 +15,7 @@ from jaxserve.sampling import (
     SampleOutput,
     SamplingBatch,
     SamplingParams,
+    adjust_logits,
     apply_penalties,
     filter_probs,
     sample,
@@ -22,6 +23,7 @@ from jaxserve.sampling import (
 )
 
 sample_jit = jax.jit(sample, static_argnames=("top_logprobs_num",))
+adjust_jit = jax.jit(adjust_logits)
 
 # ----------------------------------------------------------------------------- host side
 
@@ -166,7 +168,8 @@ def run(logits, batch, counts=None, prompt_mask=None, bias=None, allowed=None, k
     counts = np.zeros(logits.shape, np.int32) if counts is None else counts
     prompt_mask = np.zeros(logits.shape, bool) if prompt_mask is None else prompt_mask
     bias = np.zeros(logits.shape, np.float32) if bias is None else bias
-    return sample_jit(logits, batch, counts, prompt_mask, bias, allowed, top_logprobs_num=k)
+    adjusted = adjust_jit(logits, batch, counts, prompt_mask, bias)
+    return sample_jit(logits, batch, adjusted, allowed, top_logprobs_num=k)
 
 
 def np_log_softmax(x):

@@ -5,6 +5,7 @@ from jaxserve.sampling.params import SamplingParams
 from jaxserve.sampling.sampler import (
     SampleOutput,
     SamplingBatch,
+    adjust_logits,
     apply_penalties,
     filter_probs,
     sample,
@@ -15,6 +16,7 @@ __all__ = [
     "SampleOutput",
     "SamplingBatch",
     "SamplingParams",
+    "adjust_logits",
     "apply_penalties",
     "filter_probs",
     "sample",

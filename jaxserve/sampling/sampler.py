@@ -167,20 +167,14 @@ def _draw(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
 
 
-def sample(
+def adjust_logits(
     logits: jax.Array,  # [B, V] f32 raw model logits
     batch: SamplingBatch,
     output_counts: jax.Array,  # [B, V] i32
     prompt_mask: jax.Array,  # [B, V] bool
     logit_bias: jax.Array,  # [B, V] f32
-    allowed_mask: jax.Array | None = None,  # [B, ceil(V/32)] u32, bit set = allowed
-    top_logprobs_num: int = 0,  # static
-) -> SampleOutput:
-    """Pick the next token of every row and report raw-logit logprobs (jittable)."""
-    logits = logits.astype(jnp.float32)
-    num_rows, vocab = logits.shape
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
-
+) -> jax.Array:
+    """Penalties (skipped when no row uses them), then the logit bias (jittable)."""
     any_penalty = jnp.any(
         (batch.repetition_penalty != 1.0) | (batch.frequency_penalty != 0.0) | (batch.presence_penalty != 0.0)
     )
@@ -192,7 +186,21 @@ def sample(
         ),  # fmt: skip
         lambda: logits,
     )
-    x = x + logit_bias
+    return x + logit_bias
+
+
+def sample(
+    logits: jax.Array,  # [B, V] f32 raw model logits
+    batch: SamplingBatch,
+    adjusted: jax.Array | None = None,  # [B, V] logits after `adjust_logits`; None = raw logits
+    allowed_mask: jax.Array | None = None,  # [B, ceil(V/32)] u32, bit set = allowed
+    top_logprobs_num: int = 0,  # static
+) -> SampleOutput:
+    """Pick the next token of every row and report raw-logit logprobs (jittable)."""
+    logits = logits.astype(jnp.float32)
+    num_rows, vocab = logits.shape
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+    x = logits if adjusted is None else adjusted.astype(jnp.float32)
 
     # Stop ids may not end a sequence before min_new_tokens: point inactive or padding
     # (-1) entries past the vocab so mode="drop" skips them (negative ids would wrap).

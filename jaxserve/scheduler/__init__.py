@@ -1,4 +1,4 @@
-"""Continuous batching: request state, waiting-queue policies and the scheduler thread."""
+"""Continuous batching: request state, the scheduler thread and its single-purpose parts."""
 
 from jaxserve.scheduler.request import Request, RequestOutput, Status
 from jaxserve.scheduler.scheduler import Scheduler

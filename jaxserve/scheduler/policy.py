@@ -11,4 +11,4 @@ def order_waiting(waiting: list[Request], policy: str, cache: RadixCache) -> lis
     prefix first, so requests sharing a prefix run while it is hot in the cache."""
     if policy == "lpm":
         return sorted(waiting, key=lambda r: (-cache.peek_prefix(r.tokens[: r.match_limit()]), r.arrival))
-    return sorted(waiting, key=lambda r: r.arrival)
+    return list(waiting)  # the scheduler keeps `waiting` in arrival order

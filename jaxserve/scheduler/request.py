@@ -4,9 +4,13 @@
        ^                  |
        +----retract-------+   (pages freed, what was computed kept in the radix cache)
 
-A request's tokens are `prompt_ids + output_ids`; `num_computed` of them have their K/V in
-the pool. Each step feeds the next chunk of uncomputed tokens; when a chunk reaches the
-end of the tokens, the step samples the next output token. Decode is a chunk of one.
+A request's tokens live in one preallocated buffer, `prompt + outputs`; `num_tokens` of
+them are known on the host. With the overlap loop a step's sampled token reaches the
+host one step late: until then it is *pending* (`num_pending`), and the next step feeds
+it from the device (a placeholder in the input ids). `num_computed` counts the tokens
+whose K/V is written, or being written by a launched step. Pages live in one buffer
+too: the first `num_cache_pages` come from the radix cache (locked through `node`), the
+rest up to `num_pages` are the request's own.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,16 +33,29 @@ class Status(enum.Enum):
 
 @dataclasses.dataclass
 class RequestOutput:
-    """What one step produced for a request, sent to the engine's callback."""
+    """What a request gained since its last output: a delta, so delivery stays linear."""
 
     rid: str
-    new_token_ids: list[int]
+    token_ids: list[int]  # new output tokens
+    text: str  # new text; it never takes back what was sent (stop strings are held back)
     output_logprobs: list[tuple[float, int, list]]  # (logprob, token, top [(lp, id)]) per new token
-    input_logprobs: list[tuple[float | None, int, list]]  # per prompt token from logprob_start_len
-    finished: bool
+    input_logprobs: list[tuple[float | None, int, list]]  # new prompt-token entries
     finish_reason: dict[str, Any] | None
     prompt_tokens: int
     cached_tokens: int
+    completion_tokens: int  # running total
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Sink(Protocol):
+    """Where a request's outputs go. The scheduler batches `put` calls per event loop."""
+
+    loop: Any  # the asyncio loop that `put` runs on
+
+    def put(self, out: RequestOutput) -> None: ...
 
 
 @dataclasses.dataclass(eq=False)
@@ -47,47 +64,96 @@ class Request:
     prompt_ids: np.ndarray  # [prompt_len] int32
     params: SamplingParams
     seed: int
-    stop_ids: list[int]  # eos (unless ignore_eos) + stop_token_ids
-    on_output: Callable[[RequestOutput], None]
+    stop_ids: frozenset[int]  # eos (unless ignore_eos) + stop_token_ids
+    sink: Sink
+    max_len: int  # the context length: tokens never exceed it
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
-    arrival: float = dataclasses.field(default_factory=time.monotonic)
     session: Any = None  # the Session this turn belongs to, if any
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
 
     status: Status = Status.WAITING
-    output_ids: list[int] = dataclasses.field(default_factory=list)
-    num_computed: int = 0  # tokens whose K/V is in the pool
-    cache_pages: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))  # from the cache
-    own_pages: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))  # private
-    node: Any = None  # locked radix node of the matched prefix
-    slot: int = 0  # sampler-state row while running
+    num_pending: int = 0  # sampled on the device, not yet read on the host
+    inflight: int = 0  # launched steps whose results are not processed yet
+    num_computed: int = 0  # tokens whose K/V is in the pool or being written
+    node: Any = None  # locked radix node of the cached prefix
+    num_cache_pages: int = 0  # pages[:num_cache_pages] belong to the radix cache
+    num_pages: int = 0
+    row: int = 0  # device state row while running (0: none)
     cached_tokens: int = 0  # prompt tokens served from the radix cache at first admission
     admitted_once: bool = False
     finish_reason: dict[str, Any] | None = None
-    input_logprobs: list = dataclasses.field(default_factory=list)  # delivered so far
+    num_input_logprobs: int = 0  # prompt-token logprob entries delivered
+    stop: Any = None  # the StopChecker deciding text stops (output.py)
+
+    def __post_init__(self) -> None:
+        prompt_len = len(self.prompt_ids)
+        capacity = min(prompt_len + self.params.max_new_tokens, self.max_len)
+        self.token_buf = np.empty(max(capacity, prompt_len), np.int32)  # [capacity]
+        self.token_buf[:prompt_len] = self.prompt_ids
+        self.num_tokens = prompt_len
+        self.pages = np.zeros(0, np.int32)  # grown by `grow_pages`; [:num_pages] live
+
+    # ---- tokens ----
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
 
     @property
     def tokens(self) -> np.ndarray:
-        if not self.output_ids:
-            return self.prompt_ids
-        return np.concatenate([self.prompt_ids, np.asarray(self.output_ids, np.int32)])
+        """Known tokens, a view (no copy)."""
+        return self.token_buf[: self.num_tokens]
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+    def output_ids(self) -> np.ndarray:
+        return self.token_buf[self.prompt_len : self.num_tokens]
 
     @property
-    def pages(self) -> np.ndarray:
-        return np.concatenate([self.cache_pages, self.own_pages])
+    def num_outputs(self) -> int:
+        return self.num_tokens - self.prompt_len
+
+    def append(self, token: int) -> None:
+        self.token_buf[self.num_tokens] = token
+        self.num_tokens += 1
+
+    # ---- pages ----
+
+    @property
+    def live_pages(self) -> np.ndarray:
+        return self.pages[: self.num_pages]
+
+    def grow_pages(self, new: np.ndarray) -> None:
+        """Append pages; the buffer doubles, so growing is amortised O(1) per page."""
+        end = self.num_pages + len(new)
+        if end > len(self.pages):
+            grown = np.zeros(max(end, 2 * len(self.pages), 8), np.int32)
+            grown[: self.num_pages] = self.pages[: self.num_pages]
+            self.pages = grown
+        self.pages[self.num_pages : end] = new
+        self.num_pages = end
+
+    # ---- what the request still wants ----
 
     @property
     def wants_input_logprobs(self) -> bool:
         return self.return_logprob and self.logprob_start_len >= 0
 
     @property
+    def next_input_logprob(self) -> int:
+        """The prompt index whose input logprob is owed next."""
+        return self.logprob_start_len + self.num_input_logprobs
+
+    @property
     def prefill_only(self) -> bool:
         return self.params.max_new_tokens == 0
+
+    @property
+    def done_sampling(self) -> bool:
+        """Every token this request may sample is sampled (some may still be pending)."""
+        produced = self.num_outputs + self.num_pending
+        return produced >= self.params.max_new_tokens or self.num_tokens + self.num_pending >= self.max_len
 
     def match_limit(self) -> int:
         """How many leading tokens may come from the radix cache.
@@ -96,11 +162,6 @@ class Request:
         logprobs from `logprob_start_len` on need the hidden state of the token before.
         """
         limit = self.num_tokens - 1
-        if self.wants_input_logprobs and self.next_input_logprob < len(self.prompt_ids):
+        if self.wants_input_logprobs and self.next_input_logprob < self.prompt_len:
             limit = min(limit, max(self.next_input_logprob - 1, 0))
         return limit
-
-    @property
-    def next_input_logprob(self) -> int:
-        """The prompt index whose input logprob is owed next."""
-        return self.logprob_start_len + len(self.input_logprobs)
