@@ -21,15 +21,15 @@ ENGINE_ARGS = dict(max_running_requests=32, max_prefill_tokens=256, chunked_pref
                    max_total_tokens=16384, dtype="float32")
 
 
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """The tiny model, saved once per test session."""
-    path = tmp_path_factory.getbasetemp() / "server-tiny-model"
+def tiny_model_dir(tmp_path_factory, max_position_embeddings: int = 1024) -> Path:
+    """The tiny model, saved once per test session (per position limit)."""
+    path = tmp_path_factory.getbasetemp() / f"server-tiny-model-{max_position_embeddings}"
     if not (path / "config.json").exists():
         from jaxserve.tokenizer import load_tokenizer
         from jaxserve.weights.gguf_file import bundled_model_path
         from tests.hf_models import save_tiny_model
 
-        save_tiny_model("llama3", path, seed=11, vocab_size=49152, max_position_embeddings=1024)
+        save_tiny_model("llama3", path, seed=11, vocab_size=49152, max_position_embeddings=max_position_embeddings)
         load_tokenizer(bundled_model_path()).save(path)
     return path
 

@@ -1,5 +1,7 @@
 """Malformed requests get a 4xx JSON error that says what is wrong, and the server keeps
-serving; `--api-key` guards every route but /health."""
+serving; `--api-key` guards every route but /health; a dead engine is a 503 everywhere."""
+
+import time
 
 import httpx
 import openai
@@ -20,7 +22,7 @@ CASES = [
     ("POST", "/generate", b"[1, 2]", 400, "must be a JSON object"),
     ("POST", "/generate", None, 400, "body is empty"),
     ("POST", "/generate", {**GEN, "foo": 1}, 400, "unknown field(s) ['foo']"),
-    ("POST", "/generate", {"sampling_params": {}}, 400, "exactly one of `text` and `input_ids`"),
+    ("POST", "/generate", {"sampling_params": {}}, 400, "exactly one of `text`"),
     ("POST", "/generate", {"text": 42}, 400, "`text` must be a string"),
     ("POST", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "ten"}}, 400,
      "max_new_tokens must be an integer"),
@@ -120,3 +122,38 @@ def test_api_key_guards_every_route_but_health(server, http):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
     assert client.chat.completions.create(**CHAT).usage.completion_tokens == 2
+
+
+class _Killed(BaseException):
+    """Escapes every guard of the scheduler loop, as a real fatal error would."""
+
+
+def test_dead_engine_answers_503(tmp_path_factory, monkeypatch):
+    with running_server(tmp_path_factory) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        engine = server.app.state.server.engine
+        assert http.get("/health").json() == {"status": "ok"}
+
+        def killed():
+            raise _Killed("injected by the test")
+
+        monkeypatch.setattr(engine.scheduler, "_iterate", killed)
+        first = http.post("/generate", json=GEN)  # wakes the loop, which dies: this one ends aborted (or 503)
+        assert first.status_code == 503 or first.json()["meta_info"]["finish_reason"]["type"] == "abort"
+        for _ in range(100):
+            if not engine.healthy:
+                break
+            time.sleep(0.05)
+        assert not engine.healthy
+
+        health = http.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        assert "scheduler died" in health.json()["reason"] and "_Killed" in health.json()["reason"]
+        for path, body in [("/generate", GEN), ("/generate", {**GEN, "stream": True}),
+                           ("/v1/chat/completions", CHAT), ("/v1/chat/completions", {**CHAT, "stream": True})]:
+            r = http.post(path, json=body)
+            assert r.status_code == 503, (path, r.text)
+            assert "scheduler died" in r.json()["error"]["message"] and "restart" in r.json()["error"]["message"]
+        r = http.get("/health_generate")
+        assert r.status_code == 503 and "scheduler died" in r.json()["error"]["message"]
+        assert http.get("/get_server_info").status_code == 503
+        assert "jaxserve_requests_total" in http.get("/metrics").text  # still scraped without the engine

@@ -40,7 +40,10 @@ def test_info_routes(http, server):
                 "compilations_after_warmup", "max_running_requests", "page_size"):
         assert key in server_info, key
     assert server_info["context_length"] == 512
-    assert http.get("/health").status_code == 200
+    health = http.get("/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert http.get("/model_info").json() == info  # newer SGLang clients' names for the same routes
+    assert http.get("/server_info").json()["context_length"] == 512
     assert http.get("/health_generate").status_code == 200
     usage = http.get("/get_token_usage").json()
     assert usage["total_tokens"] == server_info["total_pages"] * server_info["page_size"]
@@ -76,6 +79,12 @@ def test_stream_is_cumulative(http):
     assert events[-1]["meta_info"]["finish_reason"]["type"] == "length"
     assert events[-1]["meta_info"]["completion_tokens"] == 12
     assert texts[-1] == http.post("/generate", json=body).json()["text"]
+
+    # Logprobs stream incrementally (newer SGLang clients): each chunk holds only its new entries.
+    events = sse_events(http, {**body, "return_logprob": True, "top_logprobs_num": 2})
+    assert sum(len(e["meta_info"]["output_token_logprobs"]) for e in events) == 12
+    assert sum(len(e["meta_info"]["output_top_logprobs"]) for e in events) == 12
+    assert all(e["meta_info"]["output_token_logprobs_length"] == e["meta_info"]["completion_tokens"] for e in events)
 
     batch = sse_events(http, {"text": ["a", "b"], "sampling_params": {"max_new_tokens": 3}})
     assert {e["index"] for e in batch} == {0, 1}

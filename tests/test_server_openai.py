@@ -134,3 +134,25 @@ def test_errors_have_openai_shape(client, http):
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert "max_tokens must be >= 0" in r.json()["error"]["message"]
     assert_idle_accounting(http)
+
+
+def test_streamed_logprobs_and_usage_match_non_streamed(client):
+    kw = dict(model="tiny", prompt="hello world", max_tokens=4, temperature=0, logprobs=2, echo=True)
+    full = client.completions.create(**kw).choices[0]
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert stream_texts(chunks) == {0: full.text}
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.tokens] == full.logprobs.tokens  # the prompt's, then each new one
+    assert [o for lp in streamed for o in lp.text_offset] == full.logprobs.text_offset
+
+    kw = dict(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    full = client.chat.completions.create(**kw).choices[0].logprobs.content
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in full]
+
+    # n > 1: the prompt counts once in the usage, every branch's tokens count
+    one = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, n=1).usage
+    three = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, n=3,
+                                           extra_body={"ignore_eos": True}).usage
+    assert three.prompt_tokens == one.prompt_tokens and three.completion_tokens == 9

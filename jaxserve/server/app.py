@@ -1,4 +1,5 @@
-"""The Starlette app: routes, API-key check, and the mapping of every failure to a JSON error."""
+"""The Starlette app: routes, API-key check, and the mapping of every failure to a JSON error
+(`InvalidRequestError` -> 400, `EngineUnavailableError` -> 503, anything else -> 500)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jaxserve.config import ServerArgs
-from jaxserve.errors import InvalidRequestError
+from jaxserve.errors import EngineUnavailableError, InvalidRequestError
 from jaxserve.server.native import native_routes
 from jaxserve.server.openai_api import openai_routes
 from jaxserve.server.protocol import APIError, error_response
@@ -40,6 +41,11 @@ def create_app(engine, args: ServerArgs | None = None) -> Starlette:
         _count_invalid(state, request, 400)
         return error_response(400, str(exc))
 
+    async def engine_unavailable(request: Request, exc: Exception) -> Response:
+        if request.url.path in _GENERATION_PATHS:
+            state.metrics.requests.labels("error").inc()
+        return error_response(503, str(exc))
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
@@ -53,7 +59,8 @@ def create_app(engine, args: ServerArgs | None = None) -> Starlette:
 
     app = Starlette(
         routes=native_routes(state) + openai_routes(state),
-        exception_handlers={APIError: api_error, InvalidRequestError: invalid_request, HTTPException: http_error,
+        exception_handlers={APIError: api_error, InvalidRequestError: invalid_request,
+                            EngineUnavailableError: engine_unavailable, HTTPException: http_error,
                             Exception: internal_error},
     )
     app.state.server = state

@@ -18,6 +18,7 @@ import time
 import uvicorn
 
 from jaxserve.config import ServerArgs
+from jaxserve.errors import EngineUnavailableError
 from jaxserve.server.app import create_app
 from jaxserve.server.state import ServerState
 
@@ -59,8 +60,8 @@ async def _serve_until_shutdown(server: uvicorn.Server, state: ServerState, url:
     if not task.done():
         await asyncio.wait({task}, timeout=shutdown_timeout)
         if not task.done():
-            logger.info("shutdown: aborting %d in-flight requests after %.1f s", len(state.active), shutdown_timeout)
-            state.abort_all()
+            aborted = state.engine.abort_all()
+            logger.info("shutdown: aborted %d in-flight requests after %.1f s", aborted, shutdown_timeout)
     await task
     await _drain(state.engine)
 
@@ -70,7 +71,10 @@ async def _drain(engine, timeout: float = 10.0) -> None:
     the scheduler thread posts outputs to this loop and must not find it closed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = await asyncio.to_thread(engine.get_server_info)
+        try:
+            info = await asyncio.to_thread(engine.get_server_info)
+        except EngineUnavailableError:  # it died: it ended every request as it went
+            return
         if info["num_running_reqs"] == info["num_waiting_reqs"] == 0:
             return
         await asyncio.sleep(0.05)

@@ -1,17 +1,23 @@
 """Prometheus metrics of one server: request outcomes, token counts, latencies, engine state.
 
 Each app gets its own `CollectorRegistry` so several servers in one process (tests,
-notebooks) do not collide in the global one. Engine state (running requests, pages,
-compilations) is read from the engine at scrape time rather than mirrored.
+notebooks) do not collide in the global one. Request metrics are observed from the
+engine's deltas as the response is formatted (`ServerMetrics.tracked`), one tracker per
+branch; engine state (running requests, pages, compilations) is read from the engine at
+scrape time rather than mirrored.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from jaxserve.errors import EngineUnavailableError, InvalidRequestError
+from jaxserve.scheduler import RequestOutput
 
 __all__ = ["ServerMetrics", "RequestTracker", "CONTENT_TYPE"]
 
@@ -42,9 +48,23 @@ class ServerMetrics:
                              buckets=_E2E_BUCKETS, registry=r)
         r.register(_EngineState(server_info))
 
-    def track(self, start: float | None = None) -> RequestTracker:
-        """A tracker for one engine request that arrived at `start` (`time.monotonic()`; default now)."""
-        return RequestTracker(self, start)
+    async def tracked(self, deltas: AsyncIterator[tuple[int, RequestOutput]], branches: int,
+                      start: float) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """`deltas` (an engine stream of `branches` branches that arrived at `start`), passed
+        through while observed; a branch left unfinished when the stream closes counts as
+        aborted."""
+        trackers = [RequestTracker(self, start) for _ in range(branches)]
+        try:
+            async with aclosing(deltas):
+                async for index, delta in deltas:
+                    trackers[index].update(delta)
+                    yield index, delta
+        except (InvalidRequestError, EngineUnavailableError):
+            trackers = []  # refused before it ran: the error handler counts it
+            raise
+        finally:
+            for tracker in trackers:
+                tracker.cancelled()
 
     def render(self) -> bytes:
         """The text exposition; blocks on the engine for live state, so call it off the event loop."""
@@ -52,39 +72,38 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """Turns one request's cumulative outputs into latency observations and final counts."""
+    """Turns one branch's deltas into latency observations and final counts."""
 
-    def __init__(self, metrics: ServerMetrics, start: float | None = None):
+    def __init__(self, metrics: ServerMetrics, start: float):
         self.metrics = metrics
-        self.start = self.last = time.monotonic() if start is None else start
+        self.start = self.last = start
         self.tokens = 0
         self.done = False
 
-    def update(self, out: dict) -> None:
-        meta = out["meta_info"]
-        now, tokens = time.monotonic(), meta["completion_tokens"]
+    def update(self, delta: RequestOutput) -> None:
+        now, tokens = time.monotonic(), delta.completion_tokens
         if tokens > self.tokens:
             if self.tokens == 0:
                 self.metrics.ttft.observe(now - self.start)
             else:  # several tokens in one update (a stop string held back): spread the gap evenly
                 self.metrics.itl.observe((now - self.last) / (tokens - self.tokens))
             self.tokens, self.last = tokens, now
-        if meta["finish_reason"] is not None:
-            self._finish(meta["finish_reason"]["type"], meta)
+        if delta.finished:
+            self._finish(delta.finish_reason["type"], delta)
 
     def cancelled(self) -> None:
         """The client went away before the request finished."""
         if not self.done:
             self._finish("abort", None)
 
-    def _finish(self, outcome: str, meta: dict | None) -> None:
+    def _finish(self, outcome: str, last: RequestOutput | None) -> None:
         self.done = True
         m = self.metrics
         m.requests.labels(outcome).inc()
         m.e2e.observe(time.monotonic() - self.start)
-        if meta is not None:
-            m.prompt_tokens.inc(meta["prompt_tokens"])
-            m.cached_tokens.inc(meta["cached_tokens"])
+        if last is not None:
+            m.prompt_tokens.inc(last.prompt_tokens)
+            m.cached_tokens.inc(last.cached_tokens)
         m.generation_tokens.inc(self.tokens)
 
 
@@ -95,7 +114,10 @@ class _EngineState:
         self.server_info = server_info
 
     def collect(self) -> Iterator:
-        info = self.server_info()
+        try:
+            info = self.server_info()
+        except EngineUnavailableError:  # the request metrics stay readable after the engine died
+            return
         yield GaugeMetricFamily("jaxserve_num_running_reqs", "Requests being decoded or prefilled",
                                 value=info["num_running_reqs"])
         yield GaugeMetricFamily("jaxserve_num_waiting_reqs", "Requests queued for admission",

@@ -1,10 +1,14 @@
-"""SGLang-native routes, with SGLang's request and response fields (see API_CONTRACT.md)."""
+"""SGLang-native routes, with SGLang's request and response fields (see the README's Serving
+section). `/generate` is one straight path: parse the body -> `engine.prepare` (which
+validates and tokenizes) -> `engine.run` -> the engine's `ResponseBuilder`s -> JSON or SSE.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from contextlib import aclosing
 from typing import AsyncIterator
 
 from starlette.requests import Request
@@ -12,10 +16,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from jaxserve import __version__
-from jaxserve.server.generation import Generation, LogprobOptions, Prompt
+from jaxserve.engine.responses import ResponseBuilder
 from jaxserve.server.metrics import CONTENT_TYPE
-from jaxserve.server.protocol import BOOL, INT, OBJECT, STR, APIError, Body, json_response, read_json_object
-from jaxserve.server.sse import event
+from jaxserve.server.protocol import BOOL, INT, STR, APIError, Body, json_response, read_json_object
+from jaxserve.server.sse import event, stream_response, until_disconnect
 from jaxserve.server.state import ServerState
 
 __all__ = ["native_routes"]
@@ -33,24 +37,27 @@ _HEALTH_TIMEOUT_S = 60.0
 
 def native_routes(state: ServerState) -> list[Route]:
     """The SGLang-native routes bound to `state`."""
+    engine = state.engine
 
     async def generate(request: Request) -> Response:
+        start = time.monotonic()
         body = Body(await read_json_object(request), _GENERATE_FIELDS, ignored=_GENERATE_IGNORED,
                     unsupported=_GENERATE_UNSUPPORTED, where="/generate request")
-        id_lists, batched = _prompts(body, state.engine.tokenizer)
-        prompts = [Prompt(ids, sp, rid) for ids, sp, rid in
-                   zip(id_lists, _per_prompt(body, "sampling_params", OBJECT, len(id_lists), {}),
-                       _rids(body, len(id_lists)))]
-        options = LogprobOptions(
+        stream = body.get("stream", BOOL, False)
+        data = body.data  # prompts, sampling_params, rid and session_params: the engine checks them
+        gen = await engine.prepare(
+            prompt=data.get("text"), input_ids=data.get("input_ids"), sampling_params=data.get("sampling_params"),
             return_logprob=body.get("return_logprob", BOOL, False),
             logprob_start_len=body.get("logprob_start_len", INT, -1),
             top_logprobs_num=body.get("top_logprobs_num", INT, 0),
-            return_text_in_logprobs=body.get("return_text_in_logprobs", BOOL, False))
-        generation = await state.begin(prompts, options, body.get("session_params", OBJECT))
-        multi = batched or len(generation.branches) > 1
-        if body.get("stream", BOOL, False):
-            return state.stream(generation, _stream(generation, multi))
-        results = await state.run(request, generation)
+            return_text_in_logprobs=body.get("return_text_in_logprobs", BOOL, False),
+            rid=data.get("rid"), session_params=data.get("session_params"))
+        builders = engine.builders(gen)
+        multi = gen.batched or len(builders) > 1  # the answer is a list, and stream chunks carry "index"
+        deltas = state.run(gen, start)
+        if stream:
+            return await stream_response(request, _chunks(deltas, builders, multi))
+        results = await until_disconnect(request, _finals(deltas, builders))
         return json_response(results if multi else results[0])
 
     async def get_model_info(request: Request) -> Response:
@@ -59,53 +66,60 @@ def native_routes(state: ServerState) -> list[Route]:
                               "is_generation": True})
 
     async def get_server_info(request: Request) -> Response:
-        return json_response({**await state.server_info(), "version": __version__})
+        return json_response({**await asyncio.to_thread(engine.get_server_info), "version": __version__})
 
     async def health(request: Request) -> Response:
-        return Response(status_code=200)
+        if engine.healthy:
+            return json_response({"status": "ok"})
+        return json_response({"status": "unhealthy", "reason": _unavailable_reason(engine)}, 503)
 
     async def health_generate(request: Request) -> Response:
         # One real token through the whole engine: catches a wedged scheduler, not just a live loop.
-        prompt = Prompt(state.engine.tokenizer.encode("ping") or [0], {"max_new_tokens": 1, "temperature": 0},
-                        f"health-{uuid.uuid4().hex}")
-        generation = await state.begin([prompt], LogprobOptions())
+        # Not observed by the metrics: launchers poll this every few seconds.
+        if not engine.healthy:
+            raise APIError(503, f"unhealthy: {_unavailable_reason(engine)}")
+        gen = await engine.prepare(prompt="ping", sampling_params={"max_new_tokens": 1, "temperature": 0},
+                                   rid=f"health-{uuid.uuid4().hex}")
         start = time.monotonic()
         try:
-            results = await asyncio.wait_for(state.run(request, generation), _HEALTH_TIMEOUT_S)
+            results = await asyncio.wait_for(until_disconnect(request, _finals(engine.run(gen), engine.builders(gen))),
+                                             _HEALTH_TIMEOUT_S)
         except TimeoutError:
-            state.end(generation)
             raise APIError(503, f"no token generated within {_HEALTH_TIMEOUT_S:.0f} s") from None
-        if results[0]["meta_info"]["finish_reason"]["type"] == "abort":
-            raise APIError(503, f"health check aborted: {results[0]['meta_info']['finish_reason'].get('message')}")
+        reason = results[0]["meta_info"]["finish_reason"]
+        if reason["type"] == "abort":
+            raise APIError(503, f"health check aborted: {reason.get('message')}")
         return json_response({"status": "ok", "latency": time.monotonic() - start})
 
     async def flush_cache(request: Request) -> Response:
-        await read_json_object(request, allow_empty=True)  # SGLang clients send {} or nothing
-        if not await state.off_loop(state.engine.flush_cache):
+        await read_json_object(request, allow_empty=True)  # SGLang clients send {}, nothing, or {"empty_cache": ..}
+        if not await asyncio.to_thread(engine.flush_cache):
             raise APIError(400, "cache not flushed: requests are running; retry when the server is idle")
         return json_response({"success": True, "message": "Cache flushed."})
 
     async def abort_request(request: Request) -> Response:
         body = Body(await read_json_object(request), ("rid", "abort_all"), where="/abort_request request")
         if body.get("abort_all", BOOL, False):
-            return json_response({"success": True, "aborted": state.abort_all()})
+            return json_response({"success": True, "aborted": engine.abort_all()})
         rid = body.get("rid", STR, required=True)
-        return json_response({"success": True, "aborted": state.abort(rid)})
+        # Shim: the engine's `abort` does not say whether it found the rid; its registry of calls does.
+        found = rid in getattr(engine, "_active", {})
+        engine.abort(rid)
+        return json_response({"success": True, "aborted": int(found)})
 
     async def open_session(request: Request) -> Response:
         body = Body(await read_json_object(request, allow_empty=True), ("capacity_of_str_len", "session_id"),
                     where="/open_session request")
-        sid = state.engine.open_session(body.get("capacity_of_str_len", INT), body.get("session_id", STR))
+        sid = engine.open_session(body.get("capacity_of_str_len", INT), body.get("session_id", STR))
         return json_response(sid)  # SGLang answers the bare id
 
     async def close_session(request: Request) -> Response:
         body = Body(await read_json_object(request), ("session_id",), where="/close_session request")
-        sid = body.get("session_id", STR, required=True)
-        await state.off_loop(lambda: state.engine.close_session(sid))
+        await asyncio.to_thread(engine.close_session, body.get("session_id", STR, required=True))
         return json_response({"success": True})
 
     async def get_token_usage(request: Request) -> Response:
-        info = await state.server_info()
+        info = await asyncio.to_thread(engine.get_server_info)
         page = info["page_size"]
         return json_response({
             "total_tokens": info["total_pages"] * page, "max_total_num_tokens": info["max_total_num_tokens"],
@@ -115,12 +129,15 @@ def native_routes(state: ServerState) -> list[Route]:
             "cache_hit_rate": info["cache_hit_rate"]})
 
     async def metrics(request: Request) -> Response:
-        return Response(await state.off_loop(state.metrics.render), media_type=CONTENT_TYPE)
+        return Response(await asyncio.to_thread(state.metrics.render), media_type=CONTENT_TYPE)
 
     return [
         Route("/generate", generate, methods=["POST"]),
+        # newer SGLang clients (0.5.x) call the names without `get_`; older ones the others
         Route("/get_model_info", get_model_info, methods=["GET"]),
+        Route("/model_info", get_model_info, methods=["GET"]),
         Route("/get_server_info", get_server_info, methods=["GET"]),
+        Route("/server_info", get_server_info, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/health_generate", health_generate, methods=["GET"]),
         Route("/flush_cache", flush_cache, methods=["POST", "GET"]),
@@ -132,43 +149,27 @@ def native_routes(state: ServerState) -> list[Route]:
     ]
 
 
-async def _stream(generation: Generation, multi: bool) -> AsyncIterator[bytes]:
-    async for index, out in generation.events():
-        yield event({**out, "index": index} if multi else out)
+async def _chunks(deltas: AsyncIterator, builders: list[ResponseBuilder], multi: bool) -> AsyncIterator[bytes]:
+    """One SSE event per delta: the branch's chunk (cumulative text, new logprob entries)."""
+    async with aclosing(deltas):
+        async for index, delta in deltas:
+            builder = builders[index]
+            builder.add(delta)
+            chunk = builder.chunk()
+            if multi:
+                chunk["index"] = index
+            yield event(chunk)
 
 
-def _prompts(body: Body, tokenizer) -> tuple[list[list[int]], bool]:
-    """The prompts as token ids, and whether the input was a batch."""
-    text, ids = body.data.get("text"), body.data.get("input_ids")
-    if (text is None) == (ids is None):
-        raise APIError(400, "give exactly one of `text` and `input_ids`")
-    if text is not None:
-        if isinstance(text, str):
-            return [tokenizer.encode(text)], False
-        if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
-            return [tokenizer.encode(t) for t in text], True
-        raise APIError(400, "`text` must be a string or a non-empty list of strings", param="text")
-    if isinstance(ids, list) and ids and all(isinstance(x, list) for x in ids):
-        return ids, True
-    if isinstance(ids, list) and not any(isinstance(x, list) for x in ids):
-        return [ids], False  # the engine checks the ids themselves
-    raise APIError(400, "`input_ids` must be a list of token ids or a non-empty list of such lists",
-                   param="input_ids")
+async def _finals(deltas: AsyncIterator, builders: list[ResponseBuilder]) -> list[dict]:
+    """Every branch's final response, in branch order."""
+    async with aclosing(deltas):
+        async for index, delta in deltas:
+            builders[index].add(delta)
+    return [b.final() for b in builders]
 
 
-def _per_prompt(body: Body, name: str, kind, count: int, default) -> list:
-    """A field that is one value for every prompt or a list with one per prompt."""
-    value = body.data.get(name)
-    values = value if isinstance(value, list) else [value] * count
-    if len(values) != count:
-        raise APIError(400, f"`{name}` has {len(values)} entries for {count} prompts", param=name)
-    check, what = kind
-    for v in values:
-        if v is not None and not check(v):
-            raise APIError(400, f"`{name}` must be {what} (or a list of them, one per prompt)", param=name)
-    return [default if v is None else v for v in values]
-
-
-def _rids(body: Body, count: int) -> list[str]:
-    given = _per_prompt(body, "rid", STR, count, None)
-    return [rid if rid is not None else uuid.uuid4().hex for rid in given]
+def _unavailable_reason(engine) -> str:
+    # Shim: the engine says why it is down only in the EngineUnavailableError it raises; its
+    # scheduler words it. The engine should offer this as a public property.
+    return engine.scheduler._unavailable()

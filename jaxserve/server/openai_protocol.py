@@ -1,4 +1,5 @@
-"""OpenAI request bodies -> token-id prompts and SGLang sampling params.
+"""OpenAI request bodies -> `engine.prepare` arguments (prompts, SGLang sampling params,
+logprob options).
 
 Field names and defaults follow OpenAI's API (`max_tokens` 16 for completions, the rest of
 the context for chat); the extra fields SGLang and vLLM accept (`top_k`, `min_p`,
@@ -8,6 +9,7 @@ with a 400 that lists the valid ones.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import uuid
@@ -15,7 +17,6 @@ from typing import Any
 
 import jinja2
 
-from jaxserve.server.generation import LogprobOptions
 from jaxserve.server.protocol import BOOL, INT, NUMBER, OBJECT, STR, APIError, Body, Kind
 from jaxserve.server.state import ServerState
 
@@ -58,45 +59,47 @@ def openai_message(message: str) -> str:
 
 @dataclasses.dataclass
 class OpenAIRequest:
+    """One parsed OpenAI request: the `engine.prepare` arguments and how to answer."""
+
     chat: bool
     model: str
-    prompts: list[list[int]]
-    sampling_params: list[dict[str, Any]]  # one per prompt
+    rid: str
     n: int
     stream: bool
     include_usage: bool
-    options: LogprobOptions
-    rid: str
-    logprobs: bool = False
+    logprobs: bool
+    prepare: dict[str, Any]  # keyword arguments of `engine.prepare`
     echo_texts: list[str] | None = None  # completions with echo: the prompt texts to prepend
 
-    @property
-    def rids(self) -> list[str]:
-        return [self.rid] if len(self.prompts) == 1 else [f"{self.rid}-p{i}" for i in range(len(self.prompts))]
 
-
-def parse_completion(data: dict, state: ServerState) -> OpenAIRequest:
-    """A `/v1/completions` body."""
+async def parse_completion(data: dict, state: ServerState) -> OpenAIRequest:
+    """A `/v1/completions` body. Text prompts go to the engine as text (it tokenizes them off
+    the event loop)."""
     body = Body(data, _COMPLETION_FIELDS, ignored=_IGNORED, unsupported=("suffix",),
                 where="/v1/completions request")
     model, n, stream, include_usage = _common(body, state)
-    prompts = _completion_prompts(body.data.get("prompt"), state.engine.tokenizer)
+    field, prompts = _completion_prompts(body.data.get("prompt"))
     best_of = body.get("best_of", INT)
     if best_of is not None and best_of != n:
         raise APIError(400, f"`best_of` ({best_of}) other than `n` ({n}) is not supported", param="best_of")
     top = body.get_int_range("logprobs", 0, 20)
     echo = body.get("echo", BOOL, False)
-    options = LogprobOptions(return_logprob=top is not None, top_logprobs_num=top or 0,
-                             logprob_start_len=0 if echo and top is not None else -1, return_text_in_logprobs=True)
-    max_tokens = body.get("max_tokens", INT, 16)
-    sampling = _sampling(body, n)
-    echo_texts = [state.engine.tokenizer.decode(ids) for ids in prompts] if echo else None
-    return OpenAIRequest(False, model, prompts, [{**sampling, "max_new_tokens": max_tokens} for _ in prompts], n,
-                         stream, include_usage, options, _rid(body, "cmpl"), top is not None, echo_texts)
+    sampling = {**_sampling(body, n), "max_new_tokens": body.get("max_tokens", INT, 16)}
+    rid = _rid(body, "cmpl")
+    echo_texts = None
+    if echo:  # token-id prompts echo as their text, decoded off the loop
+        echo_texts = prompts if field == "prompt" else await asyncio.to_thread(_decode_all, state.engine.tokenizer,
+                                                                                prompts)
+    prepare = {field: prompts, "sampling_params": sampling,
+               "rid": [rid] if len(prompts) == 1 else [f"{rid}-p{i}" for i in range(len(prompts))],
+               "return_logprob": top is not None, "top_logprobs_num": top or 0,
+               "logprob_start_len": 0 if echo and top is not None else -1}
+    return OpenAIRequest(False, model, rid, n, stream, include_usage, top is not None, prepare, echo_texts)
 
 
-def parse_chat(data: dict, state: ServerState) -> OpenAIRequest:
-    """A `/v1/chat/completions` body; the messages go through the model's chat template."""
+async def parse_chat(data: dict, state: ServerState) -> OpenAIRequest:
+    """A `/v1/chat/completions` body; the messages go through the model's chat template, in a
+    worker thread (rendering and tokenizing a long conversation must not stall the loop)."""
     body = Body(data, _CHAT_FIELDS, ignored=_CHAT_IGNORED, unsupported=_CHAT_UNSUPPORTED,
                 where="/v1/chat/completions request")
     model, n, stream, include_usage = _common(body, state)
@@ -106,23 +109,24 @@ def parse_chat(data: dict, state: ServerState) -> OpenAIRequest:
     if {"messages", "add_generation_prompt", "tokenize"} & set(kwargs):
         raise APIError(400, "chat_template_kwargs may not set messages, add_generation_prompt or tokenize",
                        param="chat_template_kwargs")
-    try:
-        ids = state.engine.tokenizer.apply_chat_template(data["messages"], add_generation_prompt=True,
-                                                         tokenize=True, **kwargs)
-    except (ValueError, jinja2.TemplateError) as e:
-        raise APIError(400, f"invalid `messages`: {e}", param="messages") from None
     logprobs = body.get("logprobs", BOOL, False)
     top = body.get_int_range("top_logprobs", 0, 20)
     if top and not logprobs:
         raise APIError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs")
-    options = LogprobOptions(return_logprob=logprobs, top_logprobs_num=top or 0, return_text_in_logprobs=True)
     max_tokens = body.get("max_completion_tokens", INT) if data.get("max_completion_tokens") is not None \
         else body.get("max_tokens", INT)
+    sampling = {**_sampling(body, n), **_response_format(body)}
+    rid = _rid(body, "chatcmpl")
+    try:
+        ids = await asyncio.to_thread(state.engine.tokenizer.apply_chat_template, data["messages"],
+                                      add_generation_prompt=True, tokenize=True, **kwargs)
+    except (ValueError, jinja2.TemplateError) as e:
+        raise APIError(400, f"invalid `messages`: {e}", param="messages") from None
     if max_tokens is None:  # OpenAI's default: whatever the context has left
         max_tokens = max(state.engine.context_length - len(ids), 1)
-    sampling = {**_sampling(body, n), **_response_format(body), "max_new_tokens": max_tokens}
-    return OpenAIRequest(True, model, [ids], [sampling], n, stream, include_usage, options, _rid(body, "chatcmpl"),
-                         logprobs)
+    prepare = {"input_ids": ids, "sampling_params": {**sampling, "max_new_tokens": max_tokens}, "rid": rid,
+               "return_logprob": logprobs, "top_logprobs_num": top or 0}
+    return OpenAIRequest(True, model, rid, n, stream, include_usage, logprobs, prepare)
 
 
 def _common(body: Body, state: ServerState) -> tuple[str, int, bool, bool]:
@@ -162,20 +166,26 @@ def _response_format(body: Body) -> dict[str, Any]:
                         "object)", param="response_format")
 
 
-def _completion_prompts(prompt: Any, tokenizer) -> list[list[int]]:
+def _completion_prompts(prompt: Any) -> tuple[str, list]:
+    """The `engine.prepare` field (`prompt` for text, `input_ids`) and the list of prompts of
+    a `prompt`. Only the shape is read here; the engine checks the ids."""
     if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
+        return "prompt", [prompt]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
-            return [tokenizer.encode(p) for p in prompt]
+            return "prompt", prompt
         if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return [prompt]
+            return "input_ids", [prompt]
         if all(isinstance(p, list) for p in prompt):
-            return prompt  # the engine checks the ids
+            return "input_ids", prompt
     if prompt is None:
         raise APIError(400, "`prompt` is required", param="prompt")
     raise APIError(400, "`prompt` must be a string, a list of strings, a list of token ids or a list of such "
                         "lists (non-empty)", param="prompt")
+
+
+def _decode_all(tokenizer, id_lists: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(ids) for ids in id_lists]
 
 
 def _rid(body: Body, prefix: str) -> str:
