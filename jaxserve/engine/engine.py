@@ -67,8 +67,8 @@ class Engine:
     async def run(self, gen: GenerateInput) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every branch's deltas as they come, `(branch index, delta)`; each branch ends with
         a finished one. Closing the iterator early aborts what has not finished."""
-        if self._stopped or not self.scheduler.alive:
-            raise EngineUnavailableError(self.scheduler._unavailable())
+        if not self.healthy:
+            raise EngineUnavailableError(self.unavailable_reason)
         taken = [r for r in gen.rids if r in self._active]
         if taken:
             raise InvalidRequestError(f"rid {taken[0]!r} is already in use; give each request a unique rid")
@@ -96,6 +96,8 @@ class Engine:
                       return_logprob=return_logprob, logprob_start_len=logprob_start_len,
                       top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
                       rid=rid, stream=stream, session_params=session_params)
+        if not self.healthy:
+            raise EngineUnavailableError(self.unavailable_reason)
         loop = self._private_loop()
         result = asyncio.run_coroutine_threadsafe(self.async_generate(**kwargs), loop).result()
         if not stream:
@@ -137,11 +139,13 @@ class Engine:
     def seed_for(self, params: SamplingParams, branch: int) -> int:
         return params.sampling_seed + branch if params.sampling_seed is not None else next(self._seeds)
 
-    def abort(self, rid: str) -> None:
-        """Abort the call a client named `rid` (all its branches), or one scheduler request."""
+    def abort(self, rid: str) -> bool:
+        """Abort the call a client named `rid` (all its branches), or one scheduler request;
+        whether `rid` named a call of this engine."""
         fanout = self._active.get(rid)
         for target in list(fanout.rids) if fanout is not None else [rid]:
             self.scheduler.abort(target)
+        return fanout is not None
 
     def abort_all(self) -> int:
         fanouts = set(self._active.values())
@@ -171,6 +175,13 @@ class Engine:
     @property
     def healthy(self) -> bool:
         return self.scheduler.alive and not self._stopped
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why the engine takes no requests (None while it does)."""
+        if self.healthy:
+            return None
+        return "the engine is shut down" if self._stopped else self.scheduler.unavailable_reason()
 
     def get_server_info(self) -> dict[str, Any]:
         stats = self.scheduler.call(self.scheduler.stats)

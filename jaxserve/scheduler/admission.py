@@ -35,7 +35,7 @@ def admit_waiting(sched, plan: StepPlan) -> None:
             promised = _admit(sched, req, plan, reserved)
         except Exception as exc:  # a bad request must not stop the others
             logger.exception("admission of %s failed", req.rid)
-            sched.finish(req, {"type": "abort", "message": f"internal error during admission: {exc}"})
+            sched.fail(req, f"internal error during admission: {type(exc).__name__}: {exc}")
             continue
         if promised is None:
             return

@@ -113,10 +113,10 @@ class Scheduler:
     def _post(self, item) -> None:
         with self._gate:
             if not self._alive:
-                raise EngineUnavailableError(self._unavailable())
+                raise EngineUnavailableError(self.unavailable_reason())
             self.inbox.put(item)
 
-    def _unavailable(self) -> str:
+    def unavailable_reason(self) -> str:
         if self.error is not None:
             return f"the engine's scheduler died ({type(self.error).__name__}: {self.error}); restart the server"
         return "the engine is shut down"
@@ -152,10 +152,10 @@ class Scheduler:
         prev, self._inflight = self._inflight, None
         plan_rows: list[Row] = []
         step = self._guarded(lambda: self._launch(plan_rows), plan_rows)
-        if prev is not None:
+        if prev is not None and prev.epoch == self._epoch:  # else a failure reset the device under it
             self._guarded(lambda: self._handle(prev), prev.rows)
         if step is not None and step.epoch != self._epoch:
-            step = None  # a failure re-created the device state under it
+            step = None
         if step is not None and step.sampled is None:
             if not self._guarded(lambda: self._sample(step), step.rows, ok=True):
                 step = None
@@ -227,13 +227,10 @@ class Scheduler:
         """End the requests of a failed step with an error; if the device state went with
         it, re-create it and let every other running request recompute."""
         logger.error("a step failed; ending its %d requests", len(rows), exc_info=exc)
-        reason = {"type": "abort", "message": f"internal error: {type(exc).__name__}: {exc}"}
         for row in rows:
-            req = row.req
-            req.inflight = max(req.inflight - 1, 0)
-            if req.status is not Status.FINISHED:
-                self.finish(req, reason, how="drop")
-                self.outbox.add(req, delta(req, reason=reason))
+            row.req.inflight = max(row.req.inflight - 1, 0)
+            if row.req.status is not Status.FINISHED:
+                self.fail(row.req, f"internal error: {type(exc).__name__}: {exc}")
         self.cache.flush()  # entries the failed step was writing may be in the cache
         if self.runner.lost_state():
             logger.error("the failed step lost the KV pool; re-creating it and recomputing running requests")
@@ -251,7 +248,7 @@ class Scheduler:
         """The loop ended (stop or death): refuse new work and end every pending request."""
         with self._gate:
             self._alive = False
-        reason = {"type": "abort", "message": self._unavailable()}
+        reason = {"type": "abort", "message": self.unavailable_reason()}
         for req in list(self.running) + list(self.waiting):
             try:
                 self.finish(req, reason, how="drop" if self.error else "cache")
@@ -269,7 +266,7 @@ class Scheduler:
                 arg.status = Status.FINISHED
                 self.outbox.add(arg, delta(arg, reason=reason))
             elif kind == "call":
-                arg[1].put((None, EngineUnavailableError(self._unavailable())))
+                arg[1].put((None, EngineUnavailableError(self.unavailable_reason())))
         self.outbox.flush()
 
     # ---- the inbox ----
@@ -305,6 +302,12 @@ class Scheduler:
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
         req.status, req.finish_reason = Status.FINISHED, reason
+
+    def fail(self, req: Request, message: str) -> None:
+        """End `req` with an error and tell its consumer; its KV is not trusted."""
+        reason = {"type": "abort", "message": message}
+        self.finish(req, reason, how="drop")
+        self.outbox.add(req, delta(req, reason=reason))
 
     def retract(self, req: Request, how: str = "cache") -> None:
         """Back to waiting: pages freed (the computed prefix kept in the cache), recomputed later."""

@@ -71,13 +71,13 @@ def native_routes(state: ServerState) -> list[Route]:
     async def health(request: Request) -> Response:
         if engine.healthy:
             return json_response({"status": "ok"})
-        return json_response({"status": "unhealthy", "reason": _unavailable_reason(engine)}, 503)
+        return json_response({"status": "unhealthy", "reason": engine.unavailable_reason}, 503)
 
     async def health_generate(request: Request) -> Response:
         # One real token through the whole engine: catches a wedged scheduler, not just a live loop.
         # Not observed by the metrics: launchers poll this every few seconds.
         if not engine.healthy:
-            raise APIError(503, f"unhealthy: {_unavailable_reason(engine)}")
+            raise APIError(503, f"unhealthy: {engine.unavailable_reason}")
         gen = await engine.prepare(prompt="ping", sampling_params={"max_new_tokens": 1, "temperature": 0},
                                    rid=f"health-{uuid.uuid4().hex}")
         start = time.monotonic()
@@ -102,10 +102,7 @@ def native_routes(state: ServerState) -> list[Route]:
         if body.get("abort_all", BOOL, False):
             return json_response({"success": True, "aborted": engine.abort_all()})
         rid = body.get("rid", STR, required=True)
-        # Shim: the engine's `abort` does not say whether it found the rid; its registry of calls does.
-        found = rid in getattr(engine, "_active", {})
-        engine.abort(rid)
-        return json_response({"success": True, "aborted": int(found)})
+        return json_response({"success": True, "aborted": int(engine.abort(rid))})
 
     async def open_session(request: Request) -> Response:
         body = Body(await read_json_object(request, allow_empty=True), ("capacity_of_str_len", "session_id"),
@@ -167,9 +164,3 @@ async def _finals(deltas: AsyncIterator, builders: list[ResponseBuilder]) -> lis
         async for index, delta in deltas:
             builders[index].add(delta)
     return [b.final() for b in builders]
-
-
-def _unavailable_reason(engine) -> str:
-    # Shim: the engine says why it is down only in the EngineUnavailableError it raises; its
-    # scheduler words it. The engine should offer this as a public property.
-    return engine.scheduler._unavailable()
