@@ -93,25 +93,67 @@ def test_radix_cache_on_equals_off_and_reports_hits(tiny_dir, engine, prompts, a
         off.shutdown()
 
 
-def test_chunking_lpm_and_tensor_parallel_equal_alone(tiny_dir, prompts, alone):
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])
+def test_chunking_lpm_and_tensor_parallel_equal_alone(tiny_dir, engine, prompts, alone, overlap):
     for kw in ({"chunked_prefill_size": 8}, {"chunked_prefill_size": -1},
                {"schedule_policy": "lpm", "max_running_requests": 4}, {"tp_size": 2}):
-        e = make_engine(tiny_dir, **kw)
+        e = make_engine(tiny_dir, disable_overlap_schedule=not overlap, **kw)
         try:
             assert greedy_outputs(e, prompts) == alone, kw
             assert_idle_accounting(e)
+            if "tp_size" in kw:  # the pool is sized from what one device holds: half the KV heads
+                assert e.pool.kv_bytes_per_token * 2 == engine.pool.kv_bytes_per_token
+                assert e.pool.weights_bytes < engine.pool.weights_bytes
+                assert e.pool.max_total_tokens > engine.pool.max_total_tokens
         finally:
             e.shutdown()
 
 
-def test_retraction_keeps_results(tiny_dir, prompts, alone):
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])
+def test_retraction_keeps_results(tiny_dir, prompts, alone, overlap):
     # 256 tokens of KV for 16 requests of up to ~90 tokens each: decode must retract.
-    e = make_engine(tiny_dir, max_total_tokens=256)
+    e = make_engine(tiny_dir, max_total_tokens=256, disable_overlap_schedule=not overlap)
     try:
         assert greedy_outputs(e, prompts) == alone
         info = assert_idle_accounting(e)
         assert info["num_retractions"] > 0
         assert info["compilations_after_warmup"] == 0
+    finally:
+        e.shutdown()
+
+
+PENALISED = {**GREEDY, "repetition_penalty": 1.3, "frequency_penalty": 0.4, "presence_penalty": 0.3,
+             "logit_bias": {"17": 2.0}}
+
+
+def test_penalties_survive_retraction(tiny_dir, engine, prompts):
+    """Penalty state is recounted when a retracted request is admitted again."""
+    alone = []
+    for p in prompts[:8]:
+        engine.flush_cache()
+        alone.append(engine.generate(input_ids=p, sampling_params=PENALISED)["output_ids"])
+    plain = [engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"] for p in prompts[:8]]
+    assert alone != plain  # the penalties change the outputs
+    e = make_engine(tiny_dir, max_total_tokens=256)  # 8 requests of up to ~90 tokens: retraction
+    try:
+        assert [r["output_ids"] for r in e.generate(input_ids=prompts[:8], sampling_params=PENALISED)] == alone
+        assert assert_idle_accounting(e)["num_retractions"] > 0
+    finally:
+        e.shutdown()
+
+
+def test_admission_reserves_pages_for_the_whole_pass(tiny_dir, prompts):
+    """Four long prompts fit the step budget in 32-token chunks but not the pool together:
+    one pass admits only what the pool can finish, so nothing is retracted."""
+    rng = np.random.default_rng(3)
+    long = [rng.integers(3, 49152, size=100).tolist() for _ in range(4)]
+    params = {**GREEDY, "max_new_tokens": 8}
+    e = make_engine(tiny_dir, max_total_tokens=256, chunked_prefill_size=32, max_prefill_tokens=128)
+    try:
+        together = [r["output_ids"] for r in e.generate(input_ids=long, sampling_params=params)]
+        assert assert_idle_accounting(e)["num_retractions"] == 0
+        e.flush_cache()
+        assert together == [e.generate(input_ids=p, sampling_params=params)["output_ids"] for p in long]
     finally:
         e.shutdown()
 
