@@ -1,14 +1,14 @@
 """Host time per decode step, measured inside the scheduler, with the overlap loop on and off.
 
-    python scripts/bench_host_overhead.py --running 32 128 256 --history 1000 --output-len 48
+    python scripts/bench_host_overhead.py --running 32 128 256 --history 1000 --output-len 64
 
 N requests with `--history`-token prompts decode together on a tiny random Llama (2
 layers, so the device step is short and the host's share shows). The scheduler times its
-own host work per step (planning, batch building, launching, output handling and
+own host work per iteration (planning, batch building, launching, output handling and
 delivery; not time blocked on the device), and a watcher thread timestamps when each
 step's results are ready, which gives the device-idle gap between one step finishing and
-the next one's forward being launched. Only steps after every request has its first
-token count (pure decode).
+the next one's forward being launched. Only iterations that launched a decode step of
+all N requests count.
 
 `--engine-src DIR` runs the same workload on another checkout (e.g. a `git worktree` of an
 older commit) whose scheduler has no instrumentation: there the host time of a step is
@@ -97,25 +97,14 @@ class OldInstrumentation:
         scheduler._schedule, scheduler._run, scheduler.runner.step = schedule, run, step
 
 
-async def decode_phase(engine, prompts, output_len: int, on_all_started) -> float:
+async def generate_all(engine, prompts, output_len: int) -> float:
     params = {"temperature": 0, "max_new_tokens": output_len, "ignore_eos": True}
-    started = [0]
-
-    async def one(ids):
-        first = True
-        async for chunk in await engine.async_generate(input_ids=ids, sampling_params=params, stream=True):
-            if first and chunk["meta_info"]["completion_tokens"] > 0:
-                first = False
-                started[0] += 1
-                if started[0] == len(prompts):
-                    await asyncio.to_thread(on_all_started)
-
     start = time.perf_counter()
-    await asyncio.gather(*(one(p) for p in prompts))
+    await engine.async_generate(input_ids=prompts, sampling_params=params)
     return time.perf_counter() - start
 
 
-def measure(model_dir: Path, running: int, args, overlap: bool) -> dict:
+def measure(model_dir: Path, running: int, args, overlap: bool | None) -> dict:
     import jaxserve
 
     rng = np.random.default_rng(running)
@@ -123,31 +112,28 @@ def measure(model_dir: Path, running: int, args, overlap: bool) -> dict:
     kwargs = dict(max_running_requests=running, max_prefill_tokens=args.max_prefill_tokens,
                   chunked_prefill_size=args.max_prefill_tokens, context_length=args.history + args.output_len + 64,
                   max_total_tokens=running * (args.history + args.output_len + 32), dtype="float32")
-    if not args.engine_src:
+    if overlap is not None:
         kwargs["disable_overlap_schedule"] = not overlap
     engine = jaxserve.Engine(str(model_dir), **kwargs)
     try:
         sched = engine.scheduler
-        if args.engine_src:
+        if overlap is None:
             probe = OldInstrumentation(sched)
-
-            def start_counting():
-                probe.active = True
+            probe.active = True
         else:
-            def start_counting():
-                sched.call(lambda: (sched.times.reset(), sched.times.watch_device(True)))
+            sched.call(lambda: (sched.times.reset(), sched.times.watch_device(True)))
+        seconds = asyncio.run(generate_all(engine, prompts, args.output_len))
+        if overlap is None:
+            host, gaps = probe.steps[-(args.output_len - 2):], []  # the decode steps are the last ones
+        else:
+            def read():
+                times = sched.times
+                times.watch_device(False)
+                return [h for h, n in zip(times.host_s, times.decode_rows) if n == running], list(times.gap_s)
 
-        seconds = asyncio.run(decode_phase(engine, prompts, args.output_len, start_counting))
-        if args.engine_src:
-            host = probe.steps
-            return {"running": running, "overlap": "old", "steps": len(host), "seconds": round(seconds, 2),
-                    "host_ms_median": round(statistics.median(host) * 1e3, 3),
-                    "host_ms_mean": round(statistics.fmean(host) * 1e3, 3), "device_idle_gap_ms": None}
-        times = sched.call(lambda: (sched.times.watch_device(False), list(sched.times.host_s),
-                                    list(sched.times.gap_s))[1:])
-        host, gaps = times
-        return {"running": running, "overlap": overlap, "steps": len(host), "seconds": round(seconds, 2),
-                "host_ms_median": round(statistics.median(host) * 1e3, 3),
+            host, gaps = sched.call(read)
+        return {"running": running, "overlap": "old" if overlap is None else overlap, "steps": len(host),
+                "seconds": round(seconds, 2), "host_ms_median": round(statistics.median(host) * 1e3, 3),
                 "host_ms_mean": round(statistics.fmean(host) * 1e3, 3),
                 "device_idle_gap_ms": round(statistics.median(gaps) * 1e3, 3) if gaps else None}
     finally:
@@ -158,8 +144,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--running", type=int, nargs="+", default=[32, 128, 256])
     parser.add_argument("--history", type=int, default=1000)
-    parser.add_argument("--output-len", type=int, default=48)
-    parser.add_argument("--max-prefill-tokens", type=int, default=4096)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--max-prefill-tokens", type=int, default=16384)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--engine-src", default=None, help="import jaxserve from this checkout instead")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
@@ -170,7 +156,7 @@ def main(argv=None) -> None:
         sys.path.insert(0, args.engine_src)
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_model(Path(tmp), args.vocab)
-        modes = [None] if args.engine_src else [True, False]
+        modes = [None] if args.engine_src else [True, False]  # None: the old engine
         rows = [measure(Path(tmp), n, args, overlap) for n in args.running for overlap in modes]
     print("| running | overlap | decode steps | host ms/step (median) | host ms/step (mean) | device-idle gap ms (median) |")
     print("|---|---|---|---|---|---|")

@@ -29,7 +29,18 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def smol() -> Tokenizer:
-    return load_tokenizer(bundled_model_path())
+    """Byte-level: streamed through its table of token bytes."""
+    tok = load_tokenizer(bundled_model_path())
+    assert tok.byte_table is not None
+    return tok
+
+
+@pytest.fixture(scope="module")
+def smol_stream() -> Tokenizer:
+    """The same vocabulary through the generic DecodeStream path."""
+    tok = load_tokenizer(bundled_model_path())
+    tok.__dict__["byte_table"] = None  # the cached property: no table
+    return tok
 
 
 def _train(tok: RustTokenizer) -> RustTokenizer:
@@ -67,9 +78,20 @@ def byte_fallback() -> Tokenizer:
     return Tokenizer(tok, "<s>", "</s>")
 
 
-@pytest.fixture(params=["smol", "metaspace", "byte_fallback"])
+@pytest.fixture(params=["smol", "smol_stream", "metaspace", "byte_fallback"])
 def tok(request) -> Tokenizer:
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(params=["smol", "smol_stream"])
+def byte_level(request) -> Tokenizer:
+    return request.getfixturevalue(request.param)
+
+
+def test_only_byte_level_vocabularies_get_a_byte_table(smol, metaspace, byte_fallback):
+    assert smol.byte_table[smol.rust.token_to_id("Ġthe")] == b" the"
+    assert smol.byte_table[2] == "<|im_end|>"  # an added token: its content
+    assert metaspace.byte_table is None and byte_fallback.byte_table is None
 
 
 def byte_fallback_decoder(tok: Tokenizer) -> bool:
@@ -167,7 +189,8 @@ def test_special_tokens(smol, skip):
     assert ("<|im_end|>" in chunks) != skip
 
 
-def test_prompt_ends_inside_a_character(smol):
+def test_prompt_ends_inside_a_character(byte_level):
+    smol = byte_level
     ids = smol.encode("a 😀 b")
     assert smol.decode(ids[:2]) == "a " + REPLACEMENT_CHAR  # the emoji's bytes span ids 1 and 2
     detok = IncrementalDetokenizer(smol, prompt_ids=ids[:2])
@@ -182,7 +205,8 @@ def test_prompt_ends_inside_a_character(smol):
     assert detok.add(smol.encode(" y")) == " y"
 
 
-def test_long_runs_stay_bounded(smol):
+def test_long_runs_stay_bounded(smol_stream):
+    smol = smol_stream
     stray = smol.encode("😀")[-1]  # continuation bytes only: U+FFFD after U+FFFD
     ids = [*smol.encode("ok"), *[stray] * 300, *smol.encode(" end")]
     detok = IncrementalDetokenizer(smol)
@@ -209,7 +233,8 @@ def test_decoder_that_rewrites_earlier_text(byte_fallback):
     assert text.startswith("xé") and text.endswith(" ok")
 
 
-def test_work_per_token_does_not_grow(smol, monkeypatch):
+def test_work_per_token_does_not_grow(smol_stream, monkeypatch):
+    smol = smol_stream  # the byte-level path is a table lookup per token
     rng, _ = fresh_rng()
     ids: list[int] = []
     while len(ids) < 1000:

@@ -2,10 +2,12 @@
 
 The host sends only what changes per step: the new tokens (a negative id `-r` stands for
 the token row `r` sampled last, still on the device), the per-sequence query and KV
-lengths, each sequence's row, and the page-table entries added since the last step. The
-jitted step expands that into the model's `ForwardBatch`: positions, KV write locations
-and the batch's page table are computed on the device from the row-indexed page table,
-so the upload does not grow with the length of the sequences.
+lengths, each sequence's row and whether it samples, and the page-table entries added
+since the last step. All of it lives in one int32 buffer (the fields are views into it),
+so a step is one host-to-device copy. The jitted programs slice the buffer by its static
+layout and expand it into the model's `ForwardBatch`: positions, KV write locations and
+the batch's page table come from the row-indexed page table on the device, so the upload
+does not grow with the length of the sequences.
 """
 
 from __future__ import annotations
@@ -20,31 +22,47 @@ from jaxserve.models import ForwardBatch
 from pallas_kernels.common import token_layout
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The static shape of a step: tokens T, sequences S, page-table updates U."""
+
+    num_tokens: int
+    max_seqs: int
+    num_updates: int
+    decode_only: bool  # one token per sequence and T == S: the split-K decode path
+
+    def fields(self) -> list[tuple[str, int]]:
+        t, s, u = self.num_tokens, self.max_seqs, self.num_updates
+        return [("input_ids", t), ("cu_q_lens", s + 1), ("kv_lens", s), ("rows", s), ("emit", s), ("num_seqs", 1),
+                ("page_rows", u), ("page_cols", u), ("page_vals", u)]
+
+    @property
+    def size(self) -> int:
+        return sum(n for _, n in self.fields())
+
+    def unpack(self, buf) -> dict:
+        """Field name -> slice of `buf` (numpy views on the host, slices in a jitted program)."""
+        out, at = {}, 0
+        for name, n in self.fields():
+            out[name] = buf[at : at + n]
+            at += n
+        return out
+
+
 class StepBatch:
-    input_ids: np.ndarray  # [T] int32; -r = the last token of row r
-    cu_q_lens: np.ndarray  # [S + 1] int32; padded sequences are empty
-    kv_lens: np.ndarray  # [S] int32, including this step's tokens
-    rows: np.ndarray  # [S] int32 device row of each sequence (0 = padding)
-    num_seqs: np.ndarray  # [1] int32
-    page_rows: np.ndarray  # [U] int32 page-table updates: table[page_rows, page_cols] = page_vals
-    page_cols: np.ndarray  # [U] int32
-    page_vals: np.ndarray  # [U] int32
-    decode_only: bool = False  # static: one token per sequence and T == S
+    """Host side of one step: `buf` [layout.size] int32 and named views into it.
 
-    @staticmethod
-    def empty(num_tokens: int, max_seqs: int, max_updates: int) -> "StepBatch":
-        """An all-padding batch of one bucket's shape (row 0, page 0 everywhere)."""
-        z = lambda n: np.zeros(n, np.int32)  # noqa: E731
-        return StepBatch(z(num_tokens), z(max_seqs + 1), z(max_seqs), z(max_seqs), z(1), z(max_updates),
-                         z(max_updates), z(max_updates), decode_only=num_tokens == max_seqs)
+    input_ids [T] (-r = the last token of row r); cu_q_lens [S + 1] (padded sequences are
+    empty); kv_lens [S] including this step's tokens; rows [S] device row per sequence (0 =
+    padding); emit [S] 1 where the sequence samples; num_seqs [1]; page_rows, page_cols,
+    page_vals [U]: page-table updates table[page_rows, page_cols] = page_vals.
+    """
 
-
-jax.tree_util.register_dataclass(
-    StepBatch,
-    data_fields=["input_ids", "cu_q_lens", "kv_lens", "rows", "num_seqs", "page_rows", "page_cols", "page_vals"],
-    meta_fields=["decode_only"],
-)
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.buf = np.zeros(layout.size, np.int32)  # [size]
+        for name, view in layout.unpack(self.buf).items():
+            setattr(self, name, view)
 
 
 def max_page_updates(num_tokens: int, max_seqs: int, page_size: int) -> int:
@@ -52,15 +70,22 @@ def max_page_updates(num_tokens: int, max_seqs: int, page_size: int) -> int:
     return num_tokens // page_size + max_seqs + 1
 
 
-def expand(batch: StepBatch, page_table: jax.Array, last_token: jax.Array, page_size: int):
+def expand(layout: Layout, buf: jax.Array, page_table: jax.Array, last_token: jax.Array, page_size: int):
     """(ForwardBatch, updated page table) on the device (jittable)."""
-    page_table = page_table.at[batch.page_rows, batch.page_cols].set(batch.page_vals)
-    input_ids = jnp.where(batch.input_ids < 0, last_token[-batch.input_ids], batch.input_ids)
-    seq_ids, positions, valid = token_layout(batch.cu_q_lens, batch.kv_lens, batch.num_seqs, len(batch.input_ids))
-    table = page_table[batch.rows]  # [S, pages_per_seq]
+    f = layout.unpack(buf)
+    page_table = page_table.at[f["page_rows"], f["page_cols"]].set(f["page_vals"])
+    input_ids = jnp.where(f["input_ids"] < 0, last_token[-f["input_ids"]], f["input_ids"])
+    seq_ids, positions, valid = token_layout(f["cu_q_lens"], f["kv_lens"], f["num_seqs"], layout.num_tokens)
+    table = page_table[f["rows"]]  # [S, pages_per_seq]
     positions = jnp.where(valid, positions, 0)
     page = table[seq_ids, positions // page_size]
     slot_mapping = jnp.where(valid, page * page_size + positions % page_size, 0)  # padding -> dummy page 0
-    forward = ForwardBatch(input_ids, positions, slot_mapping, batch.cu_q_lens, batch.kv_lens, table,
-                           batch.num_seqs, batch.decode_only)
+    forward = ForwardBatch(input_ids, positions, slot_mapping, f["cu_q_lens"], f["kv_lens"], table, f["num_seqs"],
+                           layout.decode_only)
     return forward, page_table
+
+
+def rows_and_emit(layout: Layout, buf: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each sequence's device row [S] and whether it samples [S] (jittable)."""
+    f = layout.unpack(buf)
+    return f["rows"], f["emit"] > 0

@@ -31,8 +31,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve import sampling, sharding
-from jaxserve.runner.batch import StepBatch, expand, max_page_updates
-from jaxserve.runner.rows import RowState, RowValues, dense_bias, write_row, write_vocab_row
+from jaxserve.runner.batch import Layout, StepBatch, expand, max_page_updates, rows_and_emit
+from jaxserve.runner.rows import (ADJUST, LAST_TOKEN, NUM_GENERATED, WANT_TOP, RowState, dense_bias, row_values,
+                                  write_vocab_row)
 from jaxserve.weights import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -70,16 +71,23 @@ def token_buckets(max_tokens: int, extra: int, smallest: int = 8) -> list[int]:
 
 @dataclasses.dataclass
 class Forward:
+    layout: Layout
+    buf: jax.Array  # the step's upload, on the device (sampling reads its rows too)
     logits: jax.Array  # [S, V] of each sequence's last token
     hidden: jax.Array  # [T, H] final hidden states, for input logprobs
 
 
 @dataclasses.dataclass
 class Sampled:
-    tokens: jax.Array  # [S] int32
-    logprobs: jax.Array  # [S] float32
+    packed: jax.Array  # [2, S] int32: tokens, and the bits of their float32 logprobs
     top_ids: jax.Array  # [S, MAX_TOP_LOGPROBS] (zeros unless some row wants them)
     top_logprobs: jax.Array
+
+    def fetch(self, want_top: bool):
+        """(tokens [S], logprobs [S], (top logprobs, top ids) or None) on the host."""
+        packed = np.asarray(self.packed)
+        top = (np.asarray(self.top_logprobs), np.asarray(self.top_ids)) if want_top else None
+        return packed[0], packed[1].view(np.float32), top
 
 
 def _top_logprobs(log_probs, want_top):
@@ -100,6 +108,8 @@ class ModelRunner:
         self.context_length = context_length
         self.pages_per_seq = -(-context_length // model.page_size)
         self.vocab = model.config.vocab_size
+        # Flattened once: flattening the params' nnx.State on every call costs more than the call.
+        self.param_leaves, self.param_treedef = jax.tree.flatten(model.params)
         self.num_rows = max_running + 1  # row 0: the dummy row of padded entries
         self.input_logprob_rows = INPUT_LOGPROB_ROWS
         # Pin every array a program reads and returns to one sharding: an output whose
@@ -139,24 +149,26 @@ class ModelRunner:
 
     @functools.cached_property
     def _forward(self):
-        graphdef, page_size = self.model.graphdef, self.page_size
+        graphdef, page_size, treedef = self.model.graphdef, self.page_size, self.param_treedef
 
-        def forward(params, k_cache, v_cache, page_table, last_token, batch: StepBatch):
-            fb, page_table = expand(batch, page_table, last_token, page_size)
-            model = nnx.merge(graphdef, params)
+        def forward(layout, params, k_cache, v_cache, page_table, ints, buf):
+            fb, page_table = expand(layout, buf, page_table, ints[:, LAST_TOKEN], page_size)
+            model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
             hidden, k_cache, v_cache = model(fb, k_cache, v_cache)
-            last = jnp.maximum(batch.cu_q_lens[1:] - 1, 0)  # [S] each sequence's last token
+            last = jnp.maximum(fb.cu_q_lens[1:] - 1, 0)  # [S] each sequence's last token
             logits = model.logits(hidden[last])  # [S, V]
             k_cache, v_cache = (jax.lax.with_sharding_constraint(x, self.kv_sharding) for x in (k_cache, v_cache))
-            return logits, hidden, k_cache, v_cache, self._constrain(page_table)
+            return logits, hidden, k_cache, v_cache, self._constrain(page_table), self._constrain(buf)
 
-        return jax.jit(forward, donate_argnums=(1, 2, 3))
+        return jax.jit(forward, static_argnums=(0,), donate_argnums=(2, 3, 4))
 
     @functools.cached_property
     def _sample(self):
-        def sample(logits, state: RowState, rows, emit):
+        def sample(layout, logits, ints, floats, output_counts, prompt_mask, logit_bias, buf):
+            state = RowState(ints, floats, output_counts, prompt_mask, logit_bias)
+            rows, emit = rows_and_emit(layout, buf)
             batch = state.gather(rows)
-            adjust = state.adjust[rows] & emit  # [S]
+            adjust = (state.ints[rows, ADJUST] > 0) & emit  # [S]
 
             def adjusted():  # the [S, V] gathers happen only in this branch
                 return sampling.adjust_logits(logits, batch, state.output_counts[rows], state.prompt_mask[rows],
@@ -164,26 +176,27 @@ class ModelRunner:
 
             any_adjust = jnp.any(adjust)
             out = sampling.sample(logits, batch, adjusted=jax.lax.cond(any_adjust, adjusted, lambda: logits))
-            top_lp, top_ids = _top_logprobs(jax.nn.log_softmax(logits, axis=-1), jnp.any(state.want_top[rows] & emit))
+            want_top = jnp.any((state.ints[rows, WANT_TOP] > 0) & emit)
+            top_lp, top_ids = _top_logprobs(jax.nn.log_softmax(logits, axis=-1), want_top)
             written = jnp.where(emit, rows, 0)  # rows that did not sample write to the dummy row
-            counted = jnp.where(adjust, rows, 0)
-            counts = jax.lax.cond(any_adjust, lambda: sampling.update_output_counts(state.output_counts, counted,
-                                                                                      out.tokens),
-                                  lambda: state.output_counts)
-            new_sampling = dataclasses.replace(batch, num_generated=state.sampling.num_generated.at[written].add(1))
-            state = dataclasses.replace(
-                state, output_counts=counts, last_token=state.last_token.at[written].set(out.tokens),
-                sampling=dataclasses.replace(state.sampling, num_generated=new_sampling.num_generated))
-            return out.tokens, out.logprobs, top_ids, top_lp, self._constrain(state)
+            counts = jax.lax.cond(
+                any_adjust,
+                lambda: sampling.update_output_counts(state.output_counts, jnp.where(adjust, rows, 0), out.tokens),
+                lambda: state.output_counts)
+            ints = state.ints.at[written, NUM_GENERATED].add(1).at[written, LAST_TOKEN].set(out.tokens)
+            packed = jnp.stack([out.tokens, jax.lax.bitcast_convert_type(out.logprobs, jnp.int32)])
+            return packed, top_ids, top_lp, self._constrain(ints), self._constrain(counts)
 
-        return jax.jit(sample, donate_argnums=(1,))
+        # Only the int table and the counts change; the rest of the row state is read, not donated.
+        return jax.jit(sample, static_argnums=(0,), donate_argnums=(2, 4))
 
     @functools.cached_property
     def _input_logprobs(self):
         graphdef = self.model.graphdef
 
         def input_logprobs(params, hidden, positions, targets, want_top):
-            log_probs = jax.nn.log_softmax(nnx.merge(graphdef, params).logits(hidden[positions]), axis=-1)  # [L, V]
+            model = nnx.merge(graphdef, jax.tree.unflatten(self.param_treedef, params))
+            log_probs = jax.nn.log_softmax(model.logits(hidden[positions]), axis=-1)  # [L, V]
             chosen = jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
             top_lp, top_ids = _top_logprobs(log_probs, want_top)
             return chosen, top_ids, top_lp
@@ -192,11 +205,11 @@ class ModelRunner:
 
     @functools.cached_property
     def _write_row(self):
-        def fn(state, page_table, row, values):
-            state, page_table = write_row(state, page_table, row, values)
-            return self._constrain(state), self._constrain(page_table)
+        def fn(ints, floats, page_table, row, int_row, float_row, page_row):
+            return (self._constrain(ints.at[row].set(int_row)), self._constrain(floats.at[row].set(float_row)),
+                    self._constrain(page_table.at[row].set(page_row)))
 
-        return jax.jit(fn, donate_argnums=(0, 1))
+        return jax.jit(fn, donate_argnums=(0, 1, 2))
 
     @functools.cached_property
     def _write_vocab_row(self):
@@ -209,28 +222,36 @@ class ModelRunner:
     # ---- calls (each returns at once; results stay on the device until fetched) ----
 
     def forward(self, batch: StepBatch) -> Forward:
-        logits, hidden, self.k_cache, self.v_cache, self.page_table = self._forward(
-            self.model.params, self.k_cache, self.v_cache, self.page_table, self.rows.last_token, batch)
-        return Forward(logits, hidden)
+        # The step's one upload; it comes back as a device array for `sample`.
+        logits, hidden, self.k_cache, self.v_cache, self.page_table, buf = self._forward(
+            batch.layout, self.param_leaves, self.k_cache, self.v_cache, self.page_table, self.rows.ints, batch.buf)
+        return Forward(batch.layout, buf, logits, hidden)
 
-    def sample(self, fwd: Forward, rows: np.ndarray, emit: np.ndarray) -> Sampled:
-        tokens, logprobs, top_ids, top_lp, self.rows = self._sample(fwd.logits, self.rows, rows, emit)
-        return Sampled(tokens, logprobs, top_ids, top_lp)
+    def sample(self, fwd: Forward) -> Sampled:
+        state = self.rows
+        packed, top_ids, top_lp, ints, counts = self._sample(fwd.layout, fwd.logits, state.ints, state.floats,
+                                                             state.output_counts, state.prompt_mask,
+                                                             state.logit_bias, fwd.buf)
+        self.rows = dataclasses.replace(state, ints=ints, output_counts=counts)
+        packed.copy_to_host_async()  # the host reads it next; start the copy as soon as it is ready
+        return Sampled(packed, top_ids, top_lp)
 
     def input_logprobs(self, fwd: Forward, positions: np.ndarray, targets: np.ndarray, want_top: bool):
         """Logprobs of `targets` [L] under the hidden states at `positions` [L] (padded to
         `INPUT_LOGPROB_ROWS`); device arrays (chosen [L], top ids, top logprobs)."""
-        return self._input_logprobs(self.model.params, fwd.hidden, positions, targets, np.bool_(want_top))
+        return self._input_logprobs(self.param_leaves, fwd.hidden, positions, targets, np.bool_(want_top))
 
     def set_row(self, row: int, params: sampling.SamplingParams, seed: int, stop_ids, *, tokens: np.ndarray,
                 num_prompt: int, want_top: bool, pages: np.ndarray) -> None:
         """Write an admitted request's row: sampling parameters, page table and, when it
         uses penalties or a logit bias, its vocabulary state recounted from `tokens`."""
-        num_generated = len(tokens) - num_prompt
-        values = RowValues.build(params, seed, stop_ids, num_generated, want_top, int(tokens[-1]), pages,
-                                 self.pages_per_seq)
-        self.rows, self.page_table = self._write_row(self.rows, self.page_table, np.int32(row), values)
-        if values.adjust[0]:
+        int_row, float_row, page_row = row_values(params, seed, stop_ids, len(tokens) - num_prompt, want_top,
+                                                  int(tokens[-1]), pages, self.pages_per_seq)
+        state = self.rows
+        ints, floats, self.page_table = self._write_row(state.ints, state.floats, self.page_table, np.int32(row),
+                                                        int_row, float_row, page_row)
+        self.rows = dataclasses.replace(state, ints=ints, floats=floats)
+        if int_row[ADJUST]:
             padded = np.full(self.context_length, self.vocab, np.int32)  # [context]; vocab = dropped
             padded[: len(tokens)] = tokens
             self.rows = self._write_vocab_row(self.rows, np.int32(row), padded, np.int32(num_prompt),
@@ -250,9 +271,8 @@ class ModelRunner:
             seqs = self.max_seqs(n)
             shapes = [False, True] if seqs == n else [False]  # decode-only steps need T == S
             for decode_only in shapes:
-                batch = dataclasses.replace(StepBatch.empty(n, seqs, self.max_updates(n)), decode_only=decode_only)
-                fwd = self.forward(batch)
-            self.sample(fwd, np.zeros(seqs, np.int32), np.zeros(seqs, bool))
+                fwd = self.forward(StepBatch(Layout(n, seqs, self.max_updates(n), decode_only)))
+            self.sample(fwd)
             zeros = np.zeros(INPUT_LOGPROB_ROWS, np.int32)
             self.input_logprobs(fwd, zeros, zeros, want_top=False)
         for params in (sampling.SamplingParams(repetition_penalty=1.1), sampling.SamplingParams()):  # row 0 ends neutral

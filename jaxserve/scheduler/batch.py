@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxserve.runner import StepBatch
+from jaxserve.runner import Layout, StepBatch
 from jaxserve.scheduler.request import Request
 
 _PAD_ROW = 0
@@ -59,19 +59,15 @@ class StepPlan:
     def __contains__(self, req: Request) -> bool:
         return id(req) in self.members
 
-    def build(self, runner) -> tuple[StepBatch, np.ndarray, np.ndarray]:
-        """(StepBatch, rows [S], emit [S]) padded to the step's bucket."""
+    def build(self, runner) -> StepBatch:
+        """The step's upload, padded to its bucket."""
         rows = self.rows
-        decode_only = all(r.chunk == 1 for r in rows)
         total = sum(r.chunk for r in rows)
         num_tokens = runner.bucket(total)
         max_seqs = runner.max_seqs(num_tokens)
-        if decode_only and max_seqs != num_tokens:  # the decode path needs T == S
-            decode_only = False
-        batch = StepBatch.empty(num_tokens, max_seqs, runner.max_updates(num_tokens))
-        batch.decode_only = decode_only
-        ids, cu, kv_lens, seq_rows = batch.input_ids, batch.cu_q_lens, batch.kv_lens, batch.rows
-        emit = np.zeros(max_seqs, bool)
+        decode_only = max_seqs == num_tokens and total == len(rows)  # the decode path needs T == S
+        batch = StepBatch(Layout(num_tokens, max_seqs, runner.max_updates(num_tokens), decode_only))
+        ids, cu, kv_lens, seq_rows, emit = batch.input_ids, batch.cu_q_lens, batch.kv_lens, batch.rows, batch.emit
         t = 0
         for s, r in enumerate(rows):
             req, n = r.req, r.chunk
@@ -93,7 +89,7 @@ class StepPlan:
             batch.page_cols[u : u + k] = np.arange(col, col + k)
             batch.page_vals[u : u + k] = pages
             u += k
-        return batch, seq_rows, emit
+        return batch
 
 
 def owed_input_logprobs(rows: list[Row]) -> tuple[np.ndarray, np.ndarray, list[tuple[Row, int]]]:

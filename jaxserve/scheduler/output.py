@@ -56,10 +56,9 @@ class StepResults:
     """The host copies of one step's device results, fetched once."""
 
     def __init__(self, sampled, input_lps, want_top: bool):
-        tokens, logprobs = jax.device_get((sampled.tokens, sampled.logprobs))
+        tokens, logprobs, self.top = sampled.fetch(want_top)
         self.tokens: list[int] = tokens.tolist()
         self.logprobs: list[float] = logprobs.tolist()
-        self.top = jax.device_get((sampled.top_logprobs, sampled.top_ids)) if want_top else None
         self.input_lps = [jax.device_get(x) for x in input_lps]  # [(chosen, top ids, top lps)] per call
 
     def input_entries(self, owed: list[tuple[Row, int]]) -> dict[int, list]:

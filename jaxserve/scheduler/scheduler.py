@@ -47,8 +47,6 @@ class Step:
     rows: list[Row]
     owed: list  # input logprobs: [(row, count)]
     fwd: object
-    seq_rows: np.ndarray  # [S] device row per sequence
-    emit: np.ndarray  # [S] bool
     want_top: bool  # some emitting row wants top logprobs
     epoch: int  # device-state generation it ran on
     sampled: object = None
@@ -152,6 +150,7 @@ class Scheduler:
         prev, self._inflight = self._inflight, None
         plan_rows: list[Row] = []
         step = self._guarded(lambda: self._launch(plan_rows), plan_rows)
+        decode_rows = len(step.rows) if step is not None and step.fwd.layout.decode_only else 0
         if prev is not None and prev.epoch == self._epoch:  # else a failure reset the device under it
             self._guarded(lambda: self._handle(prev), prev.rows)
         if step is not None and step.epoch != self._epoch:
@@ -164,7 +163,7 @@ class Scheduler:
             step = None
         self._inflight = step
         self._deliver()
-        self.times.end_iteration()
+        self.times.end_iteration(decode_rows)
 
     def _guarded(self, fn, rows: list[Row], ok=None):
         try:
@@ -183,12 +182,12 @@ class Scheduler:
         admit_waiting(self, plan)
         if not rows:
             return None
-        batch, seq_rows, emit = plan.build(self.runner)
+        batch = plan.build(self.runner)
         self.times.forward_launched()
         fwd = self.runner.forward(batch)
         positions, targets, owed = owed_input_logprobs(rows)
         want_top = any(r.emit and r.req.return_logprob and r.req.top_logprobs_num for r in rows)
-        step = Step(rows, owed, fwd, seq_rows, emit, want_top, self._epoch)
+        step = Step(rows, owed, fwd, want_top, self._epoch)
         if owed:
             lp_top = any(r.req.top_logprobs_num for r, _ in owed)
             size = self.runner.input_logprob_rows
@@ -202,7 +201,7 @@ class Scheduler:
         return step
 
     def _sample(self, step: Step) -> None:
-        step.sampled = self.runner.sample(step.fwd, step.seq_rows, step.emit)
+        step.sampled = self.runner.sample(step.fwd)
         self.times.launched(step.sampled)
 
     def _handle(self, step: Step) -> None:

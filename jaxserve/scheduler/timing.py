@@ -23,6 +23,7 @@ _WINDOW = 2048  # recent steps kept for the summary
 class StepTimes:
     def __init__(self):
         self.host_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)
+        self.decode_rows: collections.deque[int] = collections.deque(maxlen=_WINDOW)  # per host_s entry, 0 = other
         self.wait_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self.gap_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self._current = 0.0  # host time of the iteration in progress
@@ -37,9 +38,11 @@ class StepTimes:
     def waited(self, seconds: float) -> None:
         self.wait_s.append(seconds)
 
-    def end_iteration(self) -> None:
+    def end_iteration(self, decode_rows: int) -> None:
+        """Close an iteration; `decode_rows`: the batch size if it launched a decode-only step."""
         if self._current:
             self.host_s.append(self._current)
+            self.decode_rows.append(decode_rows)
         self._current = 0.0
 
     def forward_launched(self) -> None:
@@ -55,7 +58,7 @@ class StepTimes:
 
     def launched(self, sampled) -> None:
         if self._watch is not None:
-            self._watch.put((self._seq, sampled.tokens))
+            self._watch.put((self._seq, sampled.packed))
 
     def watch_device(self, on: bool = True) -> None:
         """Start (or stop) timestamping step completions on a watcher thread."""
@@ -77,6 +80,7 @@ class StepTimes:
 
     def reset(self) -> None:
         self.host_s.clear()
+        self.decode_rows.clear()
         self.wait_s.clear()
         self.gap_s.clear()
 

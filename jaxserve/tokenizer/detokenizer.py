@@ -1,10 +1,14 @@
 """Incremental detokenization: generated ids to text chunks, as the ids arrive.
 
-Built on `tokenizers.decoders.DecodeStream`, which decodes only a short window of recent
-ids per step, so the work per token does not grow with the length of the output.
+Byte-level vocabularies stream through a table of each token's bytes and an incremental
+UTF-8 decoder (`_ByteStream`, well under a microsecond per token). Any other tokenizer
+goes through `tokenizers.decoders.DecodeStream`, which decodes only a short window of
+recent ids per step. Either way the work per token does not grow with the output.
 """
 
 from __future__ import annotations
+
+import codecs
 
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -24,6 +28,45 @@ def _common_prefix_len(a: str, b: str) -> int:
             break
         n += 1
     return n
+
+
+class _ByteStream:
+    """Byte-level streaming: each token's bytes into an incremental UTF-8 decoder.
+
+    Added tokens decode to their content between byte runs, as `decode` does (a byte run
+    cut by one ends there, its unfinished character as U+FFFD); skipped special tokens
+    are dropped before decoding, so the runs on either side join.
+    """
+
+    def __init__(self, table: list, skip: frozenset[int], prompt: list[int]):
+        self.table, self.skip = table, skip
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.prompt_pending = False
+        self.add(prompt[-4:])  # a character the prompt left unfinished is finished by the output
+        # If it is not, the U+FFFD it becomes was the prompt's text already, not the output's.
+        self.prompt_pending = bool(self.utf8.getstate()[0])
+
+    def add(self, ids: list[int]) -> str:
+        out = []
+        for i in ids:
+            piece = self.table[i]
+            if isinstance(piece, bytes):
+                out.append(self.utf8.decode(piece))
+            elif i not in self.skip:
+                out.append(self.utf8.decode(b"", final=True))
+                self.utf8.reset()
+                out.append(piece)
+        return self._own("".join(out))
+
+    def flush(self) -> str:
+        return self._own(self.utf8.decode(b"", final=True))
+
+    def _own(self, text: str) -> str:
+        if self.prompt_pending and text:
+            self.prompt_pending = False
+            if text.startswith(REPLACEMENT_CHAR):
+                return text[1:]
+        return text
 
 
 class IncrementalDetokenizer:
@@ -54,6 +97,10 @@ class IncrementalDetokenizer:
         self._special = tokenizer.special_token_ids if skip_special_tokens else frozenset()
         self.text = ""  # everything emitted so far
         prompt = list(prompt_ids) if prompt_ids is not None else []
+        table = tokenizer.byte_table
+        self._bytes = _ByteStream(table, self._special, prompt) if table is not None else None
+        if self._bytes is not None:
+            return
         self._context: list[int] = []  # ids whose text was emitted (or is the prompt's)
         self._held: list[int] = []  # ids given to the stream since it last emitted
         self._echo = ""  # text that the stream's next chunk repeats, already shown
@@ -62,11 +109,19 @@ class IncrementalDetokenizer:
 
     def add(self, ids: int | Iterable[int]) -> str:
         """Feed generated id(s); returns the newly completed text (possibly "")."""
+        if self._bytes is not None:
+            chunk = self._bytes.add([ids] if isinstance(ids, int) else [int(i) for i in ids])
+            self.text += chunk
+            return chunk
         new = self._visible([ids] if isinstance(ids, int) else ids)
         return self._step(new) if new else ""
 
     def flush(self) -> str:
         """Emit whatever is still held back (an unfinished character becomes U+FFFD)."""
+        if self._bytes is not None:
+            chunk = self._bytes.flush()
+            self.text += chunk
+            return chunk
         return self._force(final=True) if self._held else ""
 
     def _visible(self, ids: Iterable[int]) -> list[int]:

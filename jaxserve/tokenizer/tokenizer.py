@@ -6,6 +6,7 @@ renders chat templates (chat.py), and can save itself as an HF directory.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -14,6 +15,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as RustTokenizer
 
+from jaxserve.tokenizer.bytelevel import token_bytes
 from jaxserve.tokenizer.chat import read_template, render_chat
 from jaxserve.tokenizer.gguf import bos_processor, read_gguf_tokenizer
 
@@ -52,6 +54,12 @@ class Tokenizer:
     def rust(self) -> RustTokenizer:
         """The wrapped Rust tokenizer (for `tokenizers.decoders.DecodeStream`)."""
         return self._tok
+
+    @functools.cached_property
+    def byte_table(self) -> list[bytes | str] | None:
+        """Each token's bytes (an added token's content as `str`) when the vocabulary is
+        plain byte-level, else None (see bytelevel.py)."""
+        return token_bytes(self._tok)
 
     # -- loading ----------------------------------------------------------------------------
 
