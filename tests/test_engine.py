@@ -200,6 +200,8 @@ def test_abort_and_prefill_only_leave_accounting_exact(engine, prompts):
     assert r["text"] == "" and r["meta_info"]["completion_tokens"] == 0
     again = engine.generate(input_ids=prompts[6], sampling_params={"max_new_tokens": 1})
     assert again["meta_info"]["cached_tokens"] >= 32
+    # a prefill small enough for a decode-sized bucket samples through the same programs
+    assert engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})["output_ids"]
     assert_idle_accounting(engine)
     assert compile_count() == compiles  # a mixed workload after warm-up compiles nothing
 

@@ -104,7 +104,7 @@ class Fanout:
         if options is not None:
             req.return_logprob, req.logprob_start_len = options.return_logprob, options.logprob_start_len
             req.top_logprobs_num = options.top_logprobs_num
-        req.stop = StopChecker(engine.tokenizer, prompt, params, req.stop_ids, engine.context_length)
+        req.stop = StopChecker(engine.tokenizer, prompt, params, req.stop_ids, req.token_limit)
         self.rids[rid] = False
         if gen.session is not None:
             self._request = req

@@ -37,6 +37,12 @@ class Layout:
                 ("page_rows", u), ("page_cols", u), ("page_vals", u)]
 
     @property
+    def for_sampling(self) -> "Layout":
+        """The layout as the sample program sees it: the attention path does not matter
+        there, so one compiled sample program serves both paths of a bucket."""
+        return dataclasses.replace(self, decode_only=False)
+
+    @property
     def size(self) -> int:
         return sum(n for _, n in self.fields())
 

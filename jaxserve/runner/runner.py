@@ -6,7 +6,7 @@ N-1 sampled) can be filled on the host while step N's forward runs:
 - `forward(batch)`: expands the uploaded `StepBatch`, runs the model over the ragged
   batch (writing K/V into the donated pool) and returns the logits of each sequence's
   last token and the final hidden states;
-- `sample(fwd, rows, emit)`: penalties and bias (gathered from the rows only when some row
+- `sample(fwd)`: penalties and bias (gathered from the rows only when some row
   uses them), the sampler, raw logprobs and, only when some row asked, top logprobs; it
   records each sampled token in its row, where the next `forward` reads it.
 
@@ -229,7 +229,8 @@ class ModelRunner:
 
     def sample(self, fwd: Forward) -> Sampled:
         state = self.rows
-        packed, top_ids, top_lp, ints, counts = self._sample(fwd.layout, fwd.logits, state.ints, state.floats,
+        packed, top_ids, top_lp, ints, counts = self._sample(fwd.layout.for_sampling, fwd.logits, state.ints,
+                                                             state.floats,
                                                              state.output_counts, state.prompt_mask,
                                                              state.logit_bias, fwd.buf)
         self.rows = dataclasses.replace(state, ints=ints, output_counts=counts)

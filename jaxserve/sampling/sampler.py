@@ -1,7 +1,7 @@
 """The on-device sampler: the device side of sampling.
 
-``sample`` runs inside the runner's single jitted step on fixed shapes. Its pipeline
-(vLLM/SGLang semantics): penalties -> logit bias -> block stop ids before
+``adjust_logits`` and ``sample`` run inside the runner's jitted sample program on fixed
+shapes. The pipeline (vLLM/SGLang semantics): penalties -> logit bias -> block stop ids before
 ``min_new_tokens`` -> grammar bitmask -> greedy argmax, or temperature -> top-k ->
 top-p -> min-p -> categorical draw. Logprobs are always of the *raw* logits, which is
 what SGLang reports and what the tests compare against transformers.

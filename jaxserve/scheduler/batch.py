@@ -9,6 +9,7 @@ whose value is still on the device is fed as `-row`, the row's last sampled toke
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from jaxserve.scheduler.request import Request
 _PAD_ROW = 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Row:
     req: Request
     start: int  # position of the chunk's first token
@@ -29,10 +30,12 @@ class Row:
 
 
 class StepPlan:
+    _ids = itertools.count()
+
     def __init__(self, budget: int, rows: list[Row] | None = None):
         self.budget = budget  # tokens still free in this step
         self.rows: list[Row] = [] if rows is None else rows
-        self.members: set[int] = set()  # id() of the planned requests
+        self.id = next(self._ids)  # stamped on the planned requests: membership in O(1)
         self.page_updates: list[tuple[int, int, np.ndarray]] = []  # (row, first column, pages)
 
     def add(self, req: Request, chunk: int, new_pages: np.ndarray | None = None) -> Row:
@@ -48,7 +51,7 @@ class StepPlan:
             lp_to = max(lp_from, min(end + 1, req.prompt_len))
         row = Row(req, start, chunk, emit, lp_from, lp_to)
         self.rows.append(row)
-        self.members.add(id(req))
+        req.plan_stamp = self.id
         self.budget -= chunk
         req.num_computed = end
         req.inflight += 1
@@ -57,7 +60,7 @@ class StepPlan:
         return row
 
     def __contains__(self, req: Request) -> bool:
-        return id(req) in self.members
+        return req.plan_stamp == self.id
 
     def build(self, runner) -> StepBatch:
         """The step's upload, padded to its bucket."""

@@ -21,20 +21,25 @@ logger = logging.getLogger(__name__)
 
 def plan_running(sched, plan: StepPlan) -> None:
     """Add every running request that has a token to feed to `plan`."""
-    for req in list(sched.running):
+    page_size, chunk_size, running = sched.book.page_size, sched.chunk_size, sched.running
+    for req in list(running):
         if plan.budget <= 0:
             return
-        if req not in sched.running:
+        if req not in running:
             continue  # retracted by an earlier request of this pass
-        todo = req.num_tokens + req.num_pending - req.num_computed
-        if todo <= 0 or (req.num_pending and req.done_sampling):
+        fed = req.num_computed
+        todo = req.num_tokens + req.num_pending - fed
+        if todo <= 0 or (req.num_pending and req.num_tokens + req.num_pending >= req.token_limit):
             continue  # nothing to feed, or every token it may sample is already sampled
-        if req.num_computed < req.prompt_len:
+        if fed < req.prompt_len:
             # The chunks launched so far (possibly still running: every later reader runs
             # after them) enter the cache, so requests admitted from now on share them.
-            sched.book.cache_progress(req, req.num_computed)
-        chunk = min(todo, sched.chunk_size, plan.budget)
-        new_pages = sched.book.grow(req, req.num_computed + chunk)
+            sched.book.cache_progress(req, fed)
+        chunk = min(todo, chunk_size, plan.budget)
+        if fed + chunk <= req.num_pages * page_size:  # the common case: its last page has room
+            plan.add(req, chunk)
+            continue
+        new_pages = sched.book.grow(req, fed + chunk)
         while new_pages is None:
             victim = _victim(sched, plan, req)
             sched.retract(victim)

@@ -47,9 +47,10 @@ def _put_all(items) -> None:
         sink.put(out)
 
 
-def delta(req: Request, *, tokens=(), text="", output_logprobs=(), input_logprobs=(), reason=None) -> RequestOutput:
-    return RequestOutput(req.rid, list(tokens), text, list(output_logprobs), list(input_logprobs), reason,
-                         req.prompt_len, req.cached_tokens, req.num_outputs)
+def delta(req: Request, *, text="", input_logprobs=(), reason=None) -> RequestOutput:
+    """A delta without a new token: input logprobs, or the end of the request."""
+    return RequestOutput(req.rid, [], text, [], list(input_logprobs), reason, req.prompt_len, req.cached_tokens,
+                         req.num_outputs)
 
 
 class StepResults:
@@ -90,29 +91,34 @@ def process_rows(rows: list[Row], results: StepResults, owed, scheduler, outbox:
         req.inflight -= 1
         if req.status is Status.FINISHED:
             continue  # finished or aborted while this step ran: its results are void
-        input_lps = input_entries.get(id(row), [])
-        if req.wants_input_logprobs and row.start == 0 and req.next_input_logprob == 0:
-            input_lps.insert(0, (None, int(req.prompt_ids[0]), []))  # the first prompt token has none
-        req.num_input_logprobs += len(input_lps)
+        input_lps = _NONE
+        if req.return_logprob:
+            input_lps = input_entries.get(id(row), [])
+            if req.wants_input_logprobs and row.start == 0 and req.next_input_logprob == 0:
+                input_lps.insert(0, (None, int(req.prompt_ids[0]), []))  # the first prompt token has none
+            req.num_input_logprobs += len(input_lps)
         if not row.emit:
             if req.prefill_only and row.start + row.chunk == req.prompt_len:
                 reason = {"type": "length", "length": 0}
                 scheduler.finish(req, reason)
                 outbox.add(req, delta(req, input_logprobs=input_lps, reason=reason))
-                continue
-            if input_lps:
+            elif input_lps:
                 outbox.add(req, delta(req, input_logprobs=input_lps))
             continue
         token = tokens[i]
         req.num_pending -= 1
-        req.append(token)
-        text, reason = req.stop.on_token(token, req.num_outputs, req.num_tokens)
-        output_lps = ()
+        req.token_buf[req.num_tokens] = token
+        req.num_tokens += 1
+        text, reason = req.stop.on_token(token, req.num_tokens - req.prompt_len, req.num_tokens)
+        output_lps = _NONE
         if req.return_logprob:
             k = req.top_logprobs_num
             top_entry = list(zip(top[0][i, :k].tolist(), top[1][i, :k].tolist())) if k else []
-            output_lps = ((logprobs[i], token, top_entry),)
+            output_lps = [(logprobs[i], token, top_entry)]
         if reason is not None:
             scheduler.finish(req, reason)
-        outbox.add(req, delta(req, tokens=(token,), text=text, output_logprobs=output_lps,
-                              input_logprobs=input_lps, reason=reason))
+        outbox.add(req, RequestOutput(req.rid, [token], text, output_lps, input_lps, reason, req.prompt_len,
+                                      req.cached_tokens, req.num_tokens - req.prompt_len))
+
+
+_NONE: list = []  # shared empty list: deltas never mutate their lists

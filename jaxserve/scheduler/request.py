@@ -31,7 +31,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class RequestOutput:
     """What a request gained since its last output: a delta, so delivery stays linear."""
 
@@ -88,18 +88,18 @@ class Request:
     stop: Any = None  # the StopChecker deciding text stops (output.py)
 
     def __post_init__(self) -> None:
-        prompt_len = len(self.prompt_ids)
-        capacity = min(prompt_len + self.params.max_new_tokens, self.max_len)
-        self.token_buf = np.empty(max(capacity, prompt_len), np.int32)  # [capacity]
+        # Plain attributes for what every step reads: properties cost more than the work.
+        self.prompt_len = prompt_len = len(self.prompt_ids)
+        # Tokens after which nothing more is sampled: max_new_tokens, or the context.
+        self.token_limit = min(prompt_len + self.params.max_new_tokens, self.max_len)
+        self.token_buf = np.empty(max(self.token_limit, prompt_len), np.int32)  # [token_limit]
         self.token_buf[:prompt_len] = self.prompt_ids
         self.num_tokens = prompt_len
         self.pages = np.zeros(0, np.int32)  # grown by `grow_pages`; [:num_pages] live
+        self.prefill_only = self.params.max_new_tokens == 0
+        self.plan_stamp = -1  # the last step plan this request joined
 
     # ---- tokens ----
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
 
     @property
     def tokens(self) -> np.ndarray:
@@ -146,14 +146,9 @@ class Request:
         return self.logprob_start_len + self.num_input_logprobs
 
     @property
-    def prefill_only(self) -> bool:
-        return self.params.max_new_tokens == 0
-
-    @property
     def done_sampling(self) -> bool:
         """Every token this request may sample is sampled (some may still be pending)."""
-        produced = self.num_outputs + self.num_pending
-        return produced >= self.params.max_new_tokens or self.num_tokens + self.num_pending >= self.max_len
+        return self.num_tokens + self.num_pending >= self.token_limit
 
     def match_limit(self) -> int:
         """How many leading tokens may come from the radix cache.

@@ -176,7 +176,7 @@ class Scheduler:
     def _launch(self, rows: list[Row]) -> Step | None:
         """Plan a step into `rows` and launch its forward (and its sampling, unless the
         sampling must wait for the previous step's results)."""
-        start = time.perf_counter()
+        section = self.times.host_section()
         plan = StepPlan(self.max_step_tokens, rows)
         plan_running(self, plan)
         admit_waiting(self, plan)
@@ -197,7 +197,7 @@ class Scheduler:
         if self.overlap:
             self._sample(step)  # nothing to wait for: sample right behind the forward
         self.num_steps += 1
-        self.times.host(time.perf_counter() - start)
+        self.times.host(section)
         return step
 
     def _sample(self, step: Step) -> None:
@@ -208,17 +208,17 @@ class Scheduler:
         """Fetch a step's results and fold them into its requests."""
         wait = time.perf_counter()
         results = StepResults(step.sampled, step.input_lps, step.want_top)
-        start = time.perf_counter()
-        self.times.waited(start - wait)
+        self.times.waited(time.perf_counter() - wait)
+        section = self.times.host_section()
         process_rows(step.rows, results, step.owed, self, self.outbox)
-        self.times.host(time.perf_counter() - start)
+        self.times.host(section)
 
     def _deliver(self) -> None:
-        start = time.perf_counter()
+        section = self.times.host_section()
         for rid in self.outbox.flush():
             logger.warning("request %s lost its consumer; aborting it", rid)
             self._abort(rid, None)
-        self.times.host(time.perf_counter() - start)
+        self.times.host(section)
 
     # ---- failures ----
 

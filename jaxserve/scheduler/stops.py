@@ -22,10 +22,10 @@ REGEX_LOOKBACK = 256
 
 
 class StopChecker:
-    def __init__(self, tokenizer, prompt_ids, params: SamplingParams, stop_ids: frozenset[int], max_len: int):
+    def __init__(self, tokenizer, prompt_ids, params: SamplingParams, stop_ids: frozenset[int], token_limit: int):
         self.params = params
         self.stop_ids = stop_ids
-        self.max_len = max_len
+        self.token_limit = token_limit  # prompt + max_new_tokens, at most the context length
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
         self.stops = params.stop or []
         self.regexes = [re.compile(p) for p in params.stop_regex or []]
@@ -35,14 +35,17 @@ class StopChecker:
     def on_token(self, token: int, num_outputs: int, num_tokens: int) -> tuple[str, dict | None]:
         """Fold in one new output token; returns (text to send now, finish reason or None)."""
         params = self.params
-        self.unsent += self.detok.add(token)
+        text = self.detok.add(token)
         reason = None
         if token in self.stop_ids and num_outputs >= params.min_new_tokens:
             reason = {"type": "stop", "matched": token}
-        elif num_outputs >= params.max_new_tokens or num_tokens >= self.max_len:
+        elif num_tokens >= self.token_limit:
             reason = {"type": "length", "length": num_outputs}
         if reason is not None:
-            self.unsent += self.detok.flush()
+            text += self.detok.flush()
+        if not self.stops and not self.regexes:  # nothing to hold back or search for
+            return text, reason
+        self.unsent += text
         matched = self._text_stop()
         if matched is not None:
             return matched
@@ -54,8 +57,6 @@ class StopChecker:
         return self._send(final=True)
 
     def _text_stop(self) -> tuple[str, dict] | None:
-        if not self.stops and not self.regexes:
-            return None
         keep = self.params.no_stop_trim
         best: tuple[int, str] | None = None  # (cut position in unsent, matched)
         for stop in self.stops:
