@@ -184,7 +184,9 @@ class Scheduler:
             return None
         batch = plan.build(self.runner)
         self.times.forward_launched()
+        dispatch = self.times.host_section()
         fwd = self.runner.forward(batch)
+        self.times.dispatched(dispatch)
         positions, targets, owed = owed_input_logprobs(rows)
         want_top = any(r.emit and r.req.return_logprob and r.req.top_logprobs_num for r in rows)
         step = Step(rows, owed, fwd, want_top, self._epoch)
@@ -194,14 +196,17 @@ class Scheduler:
             for at in range(0, len(positions), size):
                 step.input_lps.append(self.runner.input_logprobs(
                     fwd, _pad(positions[at : at + size], size), _pad(targets[at : at + size], size), lp_top))
-        if self.overlap:
-            self._sample(step)  # nothing to wait for: sample right behind the forward
         self.num_steps += 1
         self.times.host(section)
+        if self.overlap:
+            self._sample(step)  # nothing to wait for: sample right behind the forward
         return step
 
     def _sample(self, step: Step) -> None:
+        section = self.times.host_section()
         step.sampled = self.runner.sample(step.fwd)
+        self.times.dispatched(section)
+        self.times.host(section)
         self.times.launched(step.sampled)
 
     def _handle(self, step: Step) -> None:

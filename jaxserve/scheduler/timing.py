@@ -27,11 +27,13 @@ class StepTimes:
     def __init__(self):
         self.host_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)  # wall
         self.host_cpu_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)  # thread CPU time
+        self.dispatch_cpu_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)  # of host_cpu_s: jit calls
         self.decode_rows: collections.deque[int] = collections.deque(maxlen=_WINDOW)  # per host_s entry, 0 = other
         self.wait_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self.gap_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self._current = 0.0  # host wall time of the iteration in progress
         self._current_cpu = 0.0
+        self._current_dispatch = 0.0
         self._seq = 0  # steps launched
         self._launched_at: dict[int, float] = {}  # step -> when its forward was launched
         self._done_at: dict[int, float] = {}  # step -> when its results were ready
@@ -46,6 +48,11 @@ class StepTimes:
         self._current += time.perf_counter() - section[0]
         self._current_cpu += time.thread_time() - section[1]
 
+    def dispatched(self, section: tuple[float, float]) -> None:
+        """Count the CPU time since `section` as spent launching jitted programs (a part of
+        `host`; on a CPU backend it includes small programs the runtime runs inline)."""
+        self._current_dispatch += time.thread_time() - section[1]
+
     def waited(self, seconds: float) -> None:
         self.wait_s.append(seconds)
 
@@ -54,8 +61,9 @@ class StepTimes:
         if self._current:
             self.host_s.append(self._current)
             self.host_cpu_s.append(self._current_cpu)
+            self.dispatch_cpu_s.append(self._current_dispatch)
             self.decode_rows.append(decode_rows)
-        self._current = self._current_cpu = 0.0
+        self._current = self._current_cpu = self._current_dispatch = 0.0
 
     def forward_launched(self) -> None:
         self._seq += 1
@@ -93,6 +101,7 @@ class StepTimes:
     def reset(self) -> None:
         self.host_s.clear()
         self.host_cpu_s.clear()
+        self.dispatch_cpu_s.clear()
         self.decode_rows.clear()
         self.wait_s.clear()
         self.gap_s.clear()
