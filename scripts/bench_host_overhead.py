@@ -4,8 +4,8 @@
 
 N requests with `--history`-token prompts decode together on a tiny random Llama (2
 layers, so the device step is short and the host's share shows). The scheduler times its
-own host work per iteration (planning, batch building, launching, output handling and
-delivery; not time blocked on the device), and a watcher thread timestamps when each
+own host work per iteration, as wall time (planning, batch building, launching, output
+handling and delivery; not time blocked on the device), and a watcher thread timestamps when each
 step's results are ready, which gives the device-idle gap between one step finishing and
 the next one's forward being launched. Only iterations that launched a decode step of
 all N requests count.
@@ -125,21 +125,19 @@ def measure(model_dir: Path, running: int, args, overlap: bool | None) -> dict:
         seconds = asyncio.run(generate_all(engine, prompts, args.output_len))
         if overlap is None:
             host, gaps = probe.steps[-(args.output_len - 2):], []  # the decode steps are the last ones
-            cpu = dispatch = [float("nan")]
+            dispatch = [float("nan")]
         else:
             def read():
                 times = sched.times
                 times.watch_device(False)
                 keep = [i for i, n in enumerate(times.decode_rows) if n == running]
-                return ([times.host_s[i] for i in keep], [times.host_cpu_s[i] for i in keep],
-                        [times.dispatch_cpu_s[i] for i in keep], list(times.gap_s))
+                return [times.host_s[i] for i in keep], [times.dispatch_s[i] for i in keep], list(times.gap_s)
 
-            host, cpu, dispatch, gaps = sched.call(read)
+            host, dispatch, gaps = sched.call(read)
         return {"running": running, "overlap": "old" if overlap is None else overlap, "steps": len(host),
                 "seconds": round(seconds, 2), "host_ms_median": round(statistics.median(host) * 1e3, 3),
                 "host_ms_mean": round(statistics.fmean(host) * 1e3, 3),
-                "host_cpu_ms_median": round(statistics.median(cpu) * 1e3, 3),
-                "dispatch_cpu_ms_median": round(statistics.median(dispatch) * 1e3, 3),
+                "dispatch_ms_median": round(statistics.median(dispatch) * 1e3, 3),
                 "device_idle_gap_ms": round(statistics.median(gaps) * 1e3, 3) if gaps else None}
     finally:
         engine.shutdown()
@@ -163,12 +161,12 @@ def main(argv=None) -> None:
         write_tiny_model(Path(tmp), args.vocab)
         modes = [None] if args.engine_src else [True, False]  # None: the old engine
         rows = [measure(Path(tmp), n, args, overlap) for n in args.running for overlap in modes]
-    print("| running | overlap | decode steps | host wall ms/step (median) | host wall ms/step (mean) "
-          "| host CPU ms/step (median) | of which jit dispatch | device-idle gap ms (median) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| running | overlap | decode steps | host ms/step (median) | host ms/step (mean) "
+          "| of which jit dispatch (median) | device-idle gap ms (median) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['running']} | {r['overlap']} | {r['steps']} | {r['host_ms_median']} | {r['host_ms_mean']} "
-              f"| {r['host_cpu_ms_median']} | {r['dispatch_cpu_ms_median']} | {r['device_idle_gap_ms']} |")
+              f"| {r['dispatch_ms_median']} | {r['device_idle_gap_ms']} |")
 
 
 if __name__ == "__main__":

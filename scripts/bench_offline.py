@@ -27,7 +27,7 @@ def run_jaxserve(prompts, output_len: int, args) -> float:
 
     engine = jaxserve.Engine(args.model_path, max_running_requests=args.max_running_requests,
                              max_prefill_tokens=args.max_prefill_tokens, chunked_prefill_size=args.chunked_prefill_size,
-                             context_length=args.max_input + output_len + 16)
+                             context_length=args.context_length)
     try:
         params = {"temperature": 0, "max_new_tokens": output_len, "ignore_eos": True}
         engine.generate(input_ids=prompts[:2], sampling_params={**params, "max_new_tokens": 2})  # warm caches
@@ -73,9 +73,11 @@ def main(argv=None) -> None:
     parser.add_argument("--min-input", type=int, default=32)
     parser.add_argument("--max-input", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--max-running-requests", type=int, default=32)
-    parser.add_argument("--max-prefill-tokens", type=int, default=512)
-    parser.add_argument("--chunked-prefill-size", type=int, default=256)
+    # None: the engine's defaults for the backend
+    parser.add_argument("--max-running-requests", type=int, default=None)
+    parser.add_argument("--max-prefill-tokens", type=int, default=None)
+    parser.add_argument("--chunked-prefill-size", type=int, default=None)
+    parser.add_argument("--context-length", type=int, default=None, help="default: the model's (8192 for SmolLM2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")

@@ -53,9 +53,10 @@ def main(argv=None) -> None:
     parser.add_argument("--system-len", type=int, default=1024)
     parser.add_argument("--question-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=16)
-    parser.add_argument("--max-running-requests", type=int, default=32)
-    parser.add_argument("--max-prefill-tokens", type=int, default=512)
-    parser.add_argument("--chunked-prefill-size", type=int, default=256)
+    # None: the engine's defaults for the backend
+    parser.add_argument("--max-running-requests", type=int, default=None)
+    parser.add_argument("--max-prefill-tokens", type=int, default=None)
+    parser.add_argument("--chunked-prefill-size", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     args = parser.parse_args(argv)
     if args.quick:

@@ -156,8 +156,7 @@ class Scheduler:
         if step is not None and step.epoch != self._epoch:
             step = None
         if step is not None and step.sampled is None:
-            if not self._guarded(lambda: self._sample(step), step.rows, ok=True):
-                step = None
+            step = self._guarded(lambda: self._sample(step), step.rows)
         if step is not None and not self.overlap:
             self._guarded(lambda: self._handle(step), step.rows)
             step = None
@@ -165,18 +164,18 @@ class Scheduler:
         self._deliver()
         self.times.end_iteration(decode_rows)
 
-    def _guarded(self, fn, rows: list[Row], ok=None):
+    def _guarded(self, fn, rows: list[Row]):
+        """`fn()`, or None when it raised: then the requests of `rows` end with the error."""
         try:
-            result = fn()
+            return fn()
         except Exception as exc:
             self._fail(rows, exc)
             return None
-        return ok if ok is not None else result
 
     def _launch(self, rows: list[Row]) -> Step | None:
         """Plan a step into `rows` and launch its forward (and its sampling, unless the
         sampling must wait for the previous step's results)."""
-        section = self.times.host_section()
+        start = time.perf_counter()
         plan = StepPlan(self.max_step_tokens, rows)
         plan_running(self, plan)
         admit_waiting(self, plan)
@@ -184,12 +183,11 @@ class Scheduler:
             return None
         batch = plan.build(self.runner)
         self.times.forward_launched()
-        dispatch = self.times.host_section()
+        dispatch = time.perf_counter()
         fwd = self.runner.forward(batch)
         self.times.dispatched(dispatch)
-        positions, targets, owed = owed_input_logprobs(rows)
-        want_top = any(r.emit and r.req.return_logprob and r.req.top_logprobs_num for r in rows)
-        step = Step(rows, owed, fwd, want_top, self._epoch)
+        positions, targets, owed = owed_input_logprobs(plan.owed, rows)
+        step = Step(rows, owed, fwd, plan.want_top, self._epoch)
         if owed:
             lp_top = any(r.req.top_logprobs_num for r, _ in owed)
             size = self.runner.input_logprob_rows
@@ -197,33 +195,34 @@ class Scheduler:
                 step.input_lps.append(self.runner.input_logprobs(
                     fwd, _pad(positions[at : at + size], size), _pad(targets[at : at + size], size), lp_top))
         self.num_steps += 1
-        self.times.host(section)
+        self.times.host(start)
         if self.overlap:
             self._sample(step)  # nothing to wait for: sample right behind the forward
         return step
 
-    def _sample(self, step: Step) -> None:
-        section = self.times.host_section()
+    def _sample(self, step: Step) -> Step:
+        start = time.perf_counter()
         step.sampled = self.runner.sample(step.fwd)
-        self.times.dispatched(section)
-        self.times.host(section)
+        self.times.dispatched(start)
+        self.times.host(start)
         self.times.launched(step.sampled)
+        return step
 
     def _handle(self, step: Step) -> None:
         """Fetch a step's results and fold them into its requests."""
         wait = time.perf_counter()
         results = StepResults(step.sampled, step.input_lps, step.want_top)
         self.times.waited(time.perf_counter() - wait)
-        section = self.times.host_section()
+        start = time.perf_counter()
         process_rows(step.rows, results, step.owed, self, self.outbox)
-        self.times.host(section)
+        self.times.host(start)
 
     def _deliver(self) -> None:
-        section = self.times.host_section()
+        start = time.perf_counter()
         for rid in self.outbox.flush():
             logger.warning("request %s lost its consumer; aborting it", rid)
             self._abort(rid, None)
-        self.times.host(section)
+        self.times.host(start)
 
     # ---- failures ----
 

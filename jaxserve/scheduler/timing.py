@@ -1,10 +1,10 @@
 """StepTimes: where the scheduler thread's time goes, measured where it is spent.
 
-`host` adds the time the thread spends planning, launching and handling outputs (not time
-blocked on the device), both as wall time and as the thread's own CPU time: on a CPU
-backend the device's compute threads share the cores with the host thread (and other
-Python threads share the GIL), which stretches wall time but not CPU time. `waited` is
-time blocked fetching a step's results. With
+`host` adds the wall time the thread spends planning, launching and handling outputs (not
+time blocked on the device); `dispatched` counts the part spent in jitted calls (on a CPU
+backend that includes small programs the runtime runs inline, and the device's compute
+threads and the event loop's thread compete with this one for the cores and the GIL).
+`waited` is time blocked fetching a step's results. With
 `watch_device = True` (benchmarks) a watcher thread also timestamps when each step's
 results are ready on the device, so the gap between one step finishing and the next
 one's forward being launched (the device-idle gap) is measured directly.
@@ -26,32 +26,25 @@ _WINDOW = 2048  # recent steps kept for the summary
 class StepTimes:
     def __init__(self):
         self.host_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)  # wall
-        self.host_cpu_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)  # thread CPU time
-        self.dispatch_cpu_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)  # of host_cpu_s: jit calls
+        self.dispatch_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)  # of host_s: in jit calls
         self.decode_rows: collections.deque[int] = collections.deque(maxlen=_WINDOW)  # per host_s entry, 0 = other
         self.wait_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self.gap_s: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self._current = 0.0  # host wall time of the iteration in progress
-        self._current_cpu = 0.0
         self._current_dispatch = 0.0
         self._seq = 0  # steps launched
         self._launched_at: dict[int, float] = {}  # step -> when its forward was launched
         self._done_at: dict[int, float] = {}  # step -> when its results were ready
         self._watch: queue.SimpleQueue | None = None
 
-    @staticmethod
-    def host_section() -> tuple[float, float]:
-        return time.perf_counter(), time.thread_time()
+    def host(self, since: float) -> None:
+        """Add the host time since `since` (a `time.perf_counter()`)."""
+        self._current += time.perf_counter() - since
 
-    def host(self, section: tuple[float, float]) -> None:
-        """Add the host time since `section` (from `host_section()`)."""
-        self._current += time.perf_counter() - section[0]
-        self._current_cpu += time.thread_time() - section[1]
-
-    def dispatched(self, section: tuple[float, float]) -> None:
-        """Count the CPU time since `section` as spent launching jitted programs (a part of
+    def dispatched(self, since: float) -> None:
+        """Count the time since `since` as spent launching jitted programs (a part of
         `host`; on a CPU backend it includes small programs the runtime runs inline)."""
-        self._current_dispatch += time.thread_time() - section[1]
+        self._current_dispatch += time.perf_counter() - since
 
     def waited(self, seconds: float) -> None:
         self.wait_s.append(seconds)
@@ -60,10 +53,9 @@ class StepTimes:
         """Close an iteration; `decode_rows`: the batch size if it launched a decode-only step."""
         if self._current:
             self.host_s.append(self._current)
-            self.host_cpu_s.append(self._current_cpu)
-            self.dispatch_cpu_s.append(self._current_dispatch)
+            self.dispatch_s.append(self._current_dispatch)
             self.decode_rows.append(decode_rows)
-        self._current = self._current_cpu = self._current_dispatch = 0.0
+        self._current = self._current_dispatch = 0.0
 
     def forward_launched(self) -> None:
         self._seq += 1
@@ -100,8 +92,7 @@ class StepTimes:
 
     def reset(self) -> None:
         self.host_s.clear()
-        self.host_cpu_s.clear()
-        self.dispatch_cpu_s.clear()
+        self.dispatch_s.clear()
         self.decode_rows.clear()
         self.wait_s.clear()
         self.gap_s.clear()
@@ -111,5 +102,5 @@ class StepTimes:
             return round(fn(values) * 1e3, 4) if values else 0.0
 
         return {"host_ms_per_step_median": ms(self.host_s, statistics.median),
-                "host_cpu_ms_per_step_median": ms(self.host_cpu_s, statistics.median),
+                "dispatch_ms_per_step_median": ms(self.dispatch_s, statistics.median),
                 "device_idle_gap_ms_median": ms(self.gap_s, statistics.median)}
