@@ -1,6 +1,6 @@
 """Host-side free list over the pages of the device KV pool.
 
-Page 0 is the reserved dummy page that padded slots of the jitted step write to, so it
+Page 0 is the reserved dummy page that padded tokens of the jitted step write to, so it
 is never handed out. Pages ``1 .. num_pages - 1`` are the usable ones.
 
 The free list is a preallocated int32 stack (``alloc`` pops from the top, ``free``

@@ -40,7 +40,7 @@ class ForwardBatch:
         width = pages_per_seq or max(len(p) for _, _, p in seqs)
         input_ids = np.zeros(num_tokens, np.int32)  # [T]
         positions = np.zeros(num_tokens, np.int32)  # [T]
-        slots = np.zeros(num_tokens, np.int32)  # [T]
+        slot_mapping = np.zeros(num_tokens, np.int32)  # [T] KV location of each new token
         cu_q_lens = np.full(max_seqs + 1, total, np.int32)  # [max_seqs + 1]
         kv_lens = np.zeros(max_seqs, np.int32)  # [max_seqs]
         page_table = np.zeros((max_seqs, width), np.int32)  # [max_seqs, pages_per_seq]
@@ -51,13 +51,13 @@ class ForwardBatch:
             pages = np.asarray(pages, np.int32)
             input_ids[t : t + n] = ids
             positions[t : t + n] = pos
-            slots[t : t + n] = pages[pos // page_size] * page_size + pos % page_size
+            slot_mapping[t : t + n] = pages[pos // page_size] * page_size + pos % page_size
             cu_q_lens[s] = t
             kv_lens[s] = start + n
             page_table[s, : len(pages)] = pages
             t += n
         decode_only = num_tokens == max_seqs and all(len(ids) == 1 for ids, _, _ in seqs)
-        return ForwardBatch(input_ids, positions, slots, cu_q_lens, kv_lens, page_table,
+        return ForwardBatch(input_ids, positions, slot_mapping, cu_q_lens, kv_lens, page_table,
                             np.array([len(seqs)], np.int32), decode_only)
 
 

@@ -228,9 +228,9 @@ def sample(
 
 
 def update_output_counts(
-    output_counts: jax.Array,  # [max_slots, V] i32
-    rows: jax.Array,  # [B] i32 slot of each sampled token (padding -> a dummy slot)
+    output_counts: jax.Array,  # [num_rows, V] i32
+    rows: jax.Array,  # [B] i32 state row of each sampled token (padding -> the dummy row)
     tokens: jax.Array,  # [B] i32
 ) -> jax.Array:
-    """Add one count per sampled token to its slot's row (duplicate slots accumulate)."""
+    """Add one count per sampled token to its row (duplicate rows accumulate)."""
     return output_counts.at[rows, tokens].add(1, mode="drop")

@@ -39,6 +39,10 @@ class StepPlan:
         self.page_updates: list[tuple[int, int, np.ndarray]] = []  # (row, first column, pages)
         self.owed: list[Row] = []  # rows that compute input logprobs
         self.want_top = False  # some sampling row asked for top logprobs
+        # The seam for grammar masks: a step whose sampling needs the previous step's tokens
+        # (to fill its mask on the host) samples only after those are handled. Nothing sets
+        # it yet; constrained decoding will.
+        self.needs_mask = False
 
     def add(self, req: Request, chunk: int, new_pages: np.ndarray | None = None) -> Row:
         """Plan `chunk` tokens of `req` from its `num_computed`, which advances past them."""

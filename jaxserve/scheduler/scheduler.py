@@ -196,7 +196,7 @@ class Scheduler:
                     fwd, _pad(positions[at : at + size], size), _pad(targets[at : at + size], size), lp_top))
         self.num_steps += 1
         self.times.host(start)
-        if self.overlap:
+        if self.overlap and not plan.needs_mask:
             self._sample(step)  # nothing to wait for: sample right behind the forward
         return step
 
