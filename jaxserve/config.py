@@ -12,10 +12,14 @@ class ServerArgsError(ValueError):
 
 
 # CPU: steps of ~0.1 s, so small batches keep latency down; a lone prompt fills the step.
-# GPU / TPU: SGLang's defaults for a large accelerator.
+# The overlap loop is off: the host and the "device" share the same cores, so overlapping
+# them gains nothing and newly arrived requests wait a step longer (docs/BENCHMARKS.md).
+# GPU / TPU: SGLang's defaults for a large accelerator, overlap loop on.
 BACKEND_DEFAULTS = {
-    "cpu": {"max_running_requests": 32, "max_prefill_tokens": 512, "chunked_prefill_size": 512},
-    "accelerator": {"max_running_requests": 256, "max_prefill_tokens": 16384, "chunked_prefill_size": 8192},
+    "cpu": {"max_running_requests": 32, "max_prefill_tokens": 512, "chunked_prefill_size": 512,
+            "disable_overlap_schedule": True},
+    "accelerator": {"max_running_requests": 256, "max_prefill_tokens": 16384, "chunked_prefill_size": 8192,
+                    "disable_overlap_schedule": False},
 }
 
 
@@ -35,7 +39,9 @@ class ServerArgs:
     disable_radix_cache: bool = False
     context_length: int | None = None  # default: the model's max_position_embeddings
     attention_backend: str = "auto"  # auto | reference | pallas | triton | tpu
-    disable_overlap_schedule: bool = False  # plan step N+1 only after step N's results are back
+    # Plan step N+1 only after step N's results are back (None = per backend; the CLI also
+    # takes --no-disable-overlap-schedule to turn the overlap loop on where it is off).
+    disable_overlap_schedule: bool | None = None
     compilation_cache_dir: str | None = None
     chat_template: str | None = None
     random_seed: int = 0
@@ -87,6 +93,9 @@ class ServerArgs:
             hint = hints[field.name]
             if hint is bool:
                 parser.add_argument(flag, action="store_true", default=field.default)
+                continue
+            if hint == bool | None:  # a per-backend default: --flag / --no-flag
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
                 continue
             base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
             parser.add_argument(flag, type=base, default=field.default)

@@ -34,7 +34,7 @@ def make_engine(tiny_dir, **kw):
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    e = make_engine(tiny_dir)
+    e = make_engine(tiny_dir, disable_overlap_schedule=False)  # the overlap loop: failures mid-flight
     yield e
     e.shutdown()
 
