@@ -104,7 +104,7 @@ def test_chunking_lpm_and_tensor_parallel_equal_alone(tiny_dir, engine, prompts,
             if "tp_size" in kw:  # the pool is sized from what one device holds: half the KV heads
                 assert e.pool.kv_bytes_per_token * 2 == engine.pool.kv_bytes_per_token
                 assert e.pool.weights_bytes < engine.pool.weights_bytes
-                assert e.pool.max_total_tokens > engine.pool.max_total_tokens
+                assert e.pool.max_total_tokens >= engine.pool.max_total_tokens
         finally:
             e.shutdown()
 
