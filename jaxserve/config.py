@@ -42,6 +42,10 @@ class ServerArgs:
     # Plan step N+1 only after step N's results are back (None = per backend; the CLI also
     # takes --no-disable-overlap-schedule to turn the overlap loop on where it is off).
     disable_overlap_schedule: bool | None = None
+    # Constrained decoding: append the tokens a grammar forces in one step (jump-forward),
+    # and the whitespace JSON may have between tokens (None: compact, `{"a": 1, "b": 2}`).
+    disable_jump_forward: bool = False
+    constrained_json_whitespace_pattern: str | None = None
     compilation_cache_dir: str | None = None
     chat_template: str | None = None
     random_seed: int = 0

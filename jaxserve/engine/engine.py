@@ -17,6 +17,7 @@ import threading
 from typing import Any, AsyncIterator, Iterator
 
 from jaxserve.config import ServerArgs
+from jaxserve.constrained import GrammarCompiler
 from jaxserve.engine.build import build
 from jaxserve.engine.fanout import Fanout
 from jaxserve.engine.inputs import GenerateInput, LogprobOptions, check_input, split_prompts
@@ -40,6 +41,8 @@ class Engine:
         self.scheduler = parts.scheduler
         self.scheduler.start()
         self.sessions = Sessions(self.scheduler, self.args.session_timeout)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size,
+                                        json_whitespace=self.args.constrained_json_whitespace_pattern)
         self._seeds = itertools.count(self.args.random_seed * 1_000_003 + 1)
         self._active: dict[str, Fanout] = {}  # by the client's rid
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -60,9 +63,11 @@ class Engine:
         texts, id_lists, batched = split_prompts(prompt, input_ids)
         if texts is not None:
             id_lists = [self.tokenizer.encode(t) for t in texts]
-        return check_input(id_lists, sampling_params, rid, options, self.sessions.get(session_params), batched,
-                           vocab_size=self.model.config.vocab_size, context_length=self.context_length,
-                           num_eos=len(self.tokenizer.eos_token_ids))
+        gen = check_input(id_lists, sampling_params, rid, options, self.sessions.get(session_params), batched,
+                          vocab_size=self.model.config.vocab_size, context_length=self.context_length,
+                          num_eos=len(self.tokenizer.eos_token_ids))
+        gen.grammars = [self.grammars.get(spec) if spec is not None else None for spec in gen.specs]
+        return gen
 
     async def run(self, gen: GenerateInput) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every branch's deltas as they come, `(branch index, delta)`; each branch ends with
@@ -186,7 +191,7 @@ class Engine:
     def get_server_info(self) -> dict[str, Any]:
         stats = self.scheduler.call(self.scheduler.stats)
         args = {**vars(self.args), "api_key": "<set>" if self.args.api_key else None}  # never echo the key
-        return {**args, **stats, "page_size": self.args.page_size, "context_length": self.context_length,
+        return {**args, **stats, **self.grammars.stats(), "page_size": self.args.page_size, "context_length": self.context_length,
                 "max_total_num_tokens": self.pool.max_total_tokens,
                 "compilations_after_warmup": compile_count() - self.compiles_at_ready}
 
@@ -195,6 +200,7 @@ class Engine:
         self._stopped = True
         self.sessions.stop()
         self.scheduler.stop()
+        self.grammars.shutdown()
         with self._lock:
             if self._loop is not None and self._sync_streams == 0:
                 self._loop.call_soon_threadsafe(self._loop.stop)

@@ -105,6 +105,9 @@ class Fanout:
             req.return_logprob, req.logprob_start_len = options.return_logprob, options.logprob_start_len
             req.top_logprobs_num = options.top_logprobs_num
         req.stop = StopChecker(engine.tokenizer, prompt, params, req.stop_ids, req.token_limit)
+        grammar = gen.grammars[p] if branch >= 0 and gen.grammars else None
+        if grammar is not None:  # each branch its own matcher; forced tokens have no logprobs to report
+            req.grammar = grammar.start(jump_forward=not engine.args.disable_jump_forward and not req.return_logprob)
         self.rids[rid] = False
         if gen.session is not None:
             self._request = req

@@ -13,6 +13,7 @@ import uuid
 
 import numpy as np
 
+from jaxserve.constrained import GrammarSpec, spec_of
 from jaxserve.errors import InvalidRequestError
 from jaxserve.runner import MAX_STOP_IDS, MAX_TOP_LOGPROBS
 from jaxserve.sampling import SamplingParams
@@ -36,6 +37,8 @@ class GenerateInput:
     logprobs: LogprobOptions
     session: object = None  # a Session: one prompt, appended to its conversation
     batched: bool = False  # the input was a list: the answer is a list
+    specs: list[GrammarSpec | None] = dataclasses.field(default_factory=list)  # per prompt: its constraint
+    grammars: list = dataclasses.field(default_factory=list)  # per prompt: the compiled Grammar, or None
 
     @property
     def num_branches(self) -> int:
@@ -93,7 +96,7 @@ def check_input(id_lists: list[list[int]], sampling_params, rid, logprobs: Logpr
                 f"the prompt has {len(prompt)} tokens and max_new_tokens is {p.max_new_tokens}: {total} tokens exceed "
                 f"the context length {context_length}; lower max_new_tokens or shorten the prompt")
         prompts.append(prompt)
-    return GenerateInput(prompts, params, rids, logprobs, session, batched)
+    return GenerateInput(prompts, params, rids, logprobs, session, batched, [spec_of(p) for p in params])
 
 
 def _per_prompt(name: str, value, count: int, kind: type) -> list:

@@ -61,6 +61,7 @@ class ResponseBuilder:
             "prompt_tokens": out.prompt_tokens if out else 0,
             "completion_tokens": len(self.output_ids),
             "cached_tokens": out.cached_tokens if out else 0,
+            "forced_tokens": out.forced_tokens if out else 0,  # output tokens a grammar forced (jump-forward)
             "finish_reason": out.finish_reason if out else None,
             "e2e_latency": time.monotonic() - self.start,
         }

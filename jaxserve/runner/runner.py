@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve import sampling, sharding
+from jaxserve.constrained import mask_words
 from jaxserve.runner.batch import Layout, StepBatch, expand, max_page_updates, rows_and_emit
 from jaxserve.runner.rows import (ADJUST, LAST_TOKEN, NUM_GENERATED, WANT_TOP, RowState, dense_bias, row_values,
                                   write_vocab_row)
@@ -164,7 +165,7 @@ class ModelRunner:
 
     @functools.cached_property
     def _sample(self):
-        def sample(layout, logits, ints, floats, output_counts, prompt_mask, logit_bias, buf):
+        def sample(layout, logits, ints, floats, output_counts, prompt_mask, logit_bias, buf, allowed):
             state = RowState(ints, floats, output_counts, prompt_mask, logit_bias)
             rows, emit = rows_and_emit(layout, buf)
             batch = state.gather(rows)
@@ -175,7 +176,8 @@ class ModelRunner:
                                               state.logit_bias[rows])
 
             any_adjust = jnp.any(adjust)
-            out = sampling.sample(logits, batch, adjusted=jax.lax.cond(any_adjust, adjusted, lambda: logits))
+            out = sampling.sample(logits, batch, adjusted=jax.lax.cond(any_adjust, adjusted, lambda: logits),
+                                  allowed_mask=allowed)
             want_top = jnp.any((state.ints[rows, WANT_TOP] > 0) & emit)
             top_lp, top_ids = _top_logprobs(jax.nn.log_softmax(logits, axis=-1), want_top)
             written = jnp.where(emit, rows, 0)  # rows that did not sample write to the dummy row
@@ -227,15 +229,23 @@ class ModelRunner:
             batch.layout, self.param_leaves, self.k_cache, self.v_cache, self.page_table, self.rows.ints, batch.buf)
         return Forward(batch.layout, buf, logits, hidden)
 
-    def sample(self, fwd: Forward) -> Sampled:
+    def sample(self, fwd: Forward, allowed: np.ndarray | None = None) -> Sampled:
+        """Sample each emitting sequence's next token; `allowed` [S, ceil(V/32)] int32 is the
+        grammar bitmask (None: every token allowed, a device-resident all-ones mask)."""
         state = self.rows
+        if allowed is None:
+            allowed = self._all_allowed(fwd.layout.max_seqs)
         packed, top_ids, top_lp, ints, counts = self._sample(fwd.layout.for_sampling, fwd.logits, state.ints,
                                                              state.floats,
                                                              state.output_counts, state.prompt_mask,
-                                                             state.logit_bias, fwd.buf)
+                                                             state.logit_bias, fwd.buf, allowed)
         self.rows = dataclasses.replace(state, ints=ints, output_counts=counts)
         packed.copy_to_host_async()  # the host reads it next; start the copy as soon as it is ready
         return Sampled(packed, top_ids, top_lp)
+
+    @functools.cache
+    def _all_allowed(self, num_seqs: int) -> jax.Array:
+        return jax.device_put(np.full((num_seqs, mask_words(self.vocab)), -1, np.int32), self.replicated)
 
     def input_logprobs(self, fwd: Forward, positions: np.ndarray, targets: np.ndarray, want_top: bool):
         """Logprobs of `targets` [L] under the hidden states at `positions` [L] (padded to

@@ -63,9 +63,11 @@ class SamplingParams:
     no_stop_trim: bool = False
     logit_bias: dict[str | int, float] | None = None  # normalised to int keys
     sampling_seed: int | None = None
+    # Constrained decoding (at most one; checked and compiled by jaxserve.constrained):
     regex: str | None = None
-    json_schema: str | None = None
+    json_schema: str | dict | None = None  # a JSON string, as SGLang takes it, or the schema itself
     ebnf: str | None = None
+    choice: list[str] | None = None  # the output is exactly one of these strings
 
     _INT_FIELDS: ClassVar[tuple[str, ...]] = ("max_new_tokens", "min_new_tokens", "n", "top_k")
     _FLOAT_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -74,7 +76,7 @@ class SamplingParams:
     _BOOL_FIELDS: ClassVar[tuple[str, ...]] = (
         "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
     )
-    _OPT_STR_FIELDS: ClassVar[tuple[str, ...]] = ("regex", "json_schema", "ebnf")
+    _OPT_STR_FIELDS: ClassVar[tuple[str, ...]] = ("regex", "ebnf")
 
     def __post_init__(self) -> None:
         # Type checks live here so direct construction is as safe as from_dict.
@@ -173,11 +175,6 @@ class SamplingParams:
             raise bad("logit_bias", f"keyed by token ids in [0, {vocab_size})")
         if self.sampling_seed is not None and self.sampling_seed < 0:
             raise bad("sampling_seed", ">= 0")
-        constrained = [name for name in self._OPT_STR_FIELDS if getattr(self, name) is not None]
-        if constrained:
-            raise InvalidRequestError(
-                f"sampling_params.{constrained[0]}: constrained decoding (regex/json_schema/ebnf) is not supported yet"
-            )
 
     @property
     def is_greedy(self) -> bool:

@@ -140,9 +140,10 @@ def filter_probs(probs: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: ja
 
 
 def _unpack_bitmask(allowed_mask: jax.Array, vocab: int) -> jax.Array:
-    """[B, ceil(V/32)] u32 -> [B, V] bool; token v is bit v % 32 of word v // 32."""
+    """[B, ceil(V/32)] u32 or i32 -> [B, V] bool; token v is bit v % 32 of word v // 32."""
     shifts = jnp.arange(32, dtype=jnp.uint32)
-    bits = (allowed_mask.astype(jnp.uint32)[:, :, None] >> shifts) & 1  # [B, W, 32]
+    words = allowed_mask if allowed_mask.dtype == jnp.uint32 else jax.lax.bitcast_convert_type(allowed_mask, jnp.uint32)
+    bits = (words[:, :, None] >> shifts) & 1  # [B, W, 32]
     return bits.reshape(allowed_mask.shape[0], -1)[:, :vocab] != 0
 
 

@@ -39,9 +39,8 @@ class StepPlan:
         self.page_updates: list[tuple[int, int, np.ndarray]] = []  # (row, first column, pages)
         self.owed: list[Row] = []  # rows that compute input logprobs
         self.want_top = False  # some sampling row asked for top logprobs
-        # The seam for grammar masks: a step whose sampling needs the previous step's tokens
-        # (to fill its mask on the host) samples only after those are handled. Nothing sets
-        # it yet; constrained decoding will.
+        # A step that samples for a request with a grammar needs the previous step's tokens
+        # (to fill its mask on the host): it samples only after those are handled.
         self.needs_mask = False
 
     def add(self, req: Request, chunk: int, new_pages: np.ndarray | None = None) -> Row:
@@ -57,6 +56,8 @@ class StepPlan:
                 lp_from = max(req.next_input_logprob, start + 1)
                 lp_to = max(lp_from, min(end + 1, req.prompt_len))
             self.want_top |= emit and req.top_logprobs_num > 0
+        if emit and req.grammar is not None:
+            self.needs_mask = True
         row = Row(req, start, chunk, emit, lp_from, lp_to)
         self.rows.append(row)
         if lp_to > lp_from:

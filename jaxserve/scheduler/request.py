@@ -44,6 +44,7 @@ class RequestOutput:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int  # running total
+    forced_tokens: int = 0  # running total of output tokens a grammar forced (jump-forward)
 
     @property
     def finished(self) -> bool:
@@ -86,6 +87,9 @@ class Request:
     finish_reason: dict[str, Any] | None = None
     num_input_logprobs: int = 0  # prompt-token logprob entries delivered
     stop: Any = None  # the StopChecker deciding text stops (output.py)
+    grammar: Any = None  # a constrained.Grammar: masks what it samples, may force tokens
+    num_forced: int = 0  # output tokens the grammar forced (appended without sampling)
+    drop_emits: int = 0  # launched samples made stale by a jump-forward: their tokens are dropped
 
     def __post_init__(self) -> None:
         # Plain attributes for what every step reads: properties cost more than the work.

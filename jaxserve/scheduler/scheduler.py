@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from jaxserve.constrained import allows_nothing, fill_masks
 from jaxserve.errors import EngineUnavailableError
 from jaxserve.memory import PageAllocator, RadixCache
 from jaxserve.scheduler.admission import admit_waiting
@@ -202,11 +203,25 @@ class Scheduler:
 
     def _sample(self, step: Step) -> Step:
         start = time.perf_counter()
-        step.sampled = self.runner.sample(step.fwd)
+        step.sampled = self.runner.sample(step.fwd, self._masks(step))
         self.times.dispatched(start)
         self.times.host(start)
         self.times.launched(step.sampled)
         return step
+
+    def _masks(self, step: Step):
+        """The step's grammar bitmask (None when no sampling row has a grammar); a request
+        whose grammar allows nothing, or broke, ends with an error instead of sampling."""
+        rows = step.rows
+        grammars = [(i, r.req.grammar) for i, r in enumerate(rows)
+                    if r.emit and r.req.grammar is not None and r.req.status is not Status.FINISHED]
+        if not grammars:
+            return None
+        mask = fill_masks(grammars, step.fwd.layout.max_seqs, self.runner.vocab)
+        for i, grammar in grammars:
+            if grammar.error is not None or allows_nothing(mask, i):
+                self.fail(rows[i].req, f"constrained decoding failed: {grammar.error or 'the grammar allows no token here'}")
+        return mask
 
     def _handle(self, step: Step) -> None:
         """Fetch a step's results and fold them into its requests."""
@@ -242,7 +257,7 @@ class Scheduler:
             for req in list(self.running):
                 self.retract(req, how="drop")
             for req in self.waiting:
-                req.inflight = req.num_pending = 0
+                req.inflight = req.num_pending = req.drop_emits = 0
             self.book.drop_all_pins()
             self.cache.flush()
             self.runner.reset()
@@ -317,7 +332,7 @@ class Scheduler:
         self._release(req, how)
         req.status = Status.WAITING
         if how == "drop":
-            req.inflight = req.num_pending = 0
+            req.inflight = req.num_pending = req.drop_emits = 0
         bisect.insort(self.waiting, req, key=lambda r: r.arrival)
         self.num_retractions += 1
         logger.info("retracted %s (%d tokens) to free KV pages", req.rid, req.num_tokens)
