@@ -235,6 +235,8 @@ class ModelRunner:
         state = self.rows
         if allowed is None:
             allowed = self._all_allowed(fwd.layout.max_seqs)
+        else:  # placed like the all-ones mask: another placement would compile another program
+            allowed = jax.device_put(allowed, self.replicated)
         packed, top_ids, top_lp, ints, counts = self._sample(fwd.layout.for_sampling, fwd.logits, state.ints,
                                                              state.floats,
                                                              state.output_counts, state.prompt_mask,

@@ -105,11 +105,11 @@ def process_rows(rows: list[Row], results: StepResults, owed, scheduler, outbox:
             elif input_lps:
                 outbox.add(req, delta(req, input_logprobs=input_lps))
             continue
-        token = tokens[i]
-        req.num_pending -= 1
         if req.drop_emits:  # launched before a jump-forward that already decided this token
             req.drop_emits -= 1
             continue
+        token = tokens[i]
+        req.num_pending -= 1
         output_lps = _NONE
         if req.return_logprob:
             k = req.top_logprobs_num

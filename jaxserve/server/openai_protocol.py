@@ -37,7 +37,7 @@ _SAMPLING = {
 }
 _COMMON = ("model", "max_tokens", "n", "stream", "stream_options", "rid", *_SAMPLING)
 _IGNORED = ("user", "store", "metadata", "service_tier")
-_COMPLETION_FIELDS = (*_COMMON, "prompt", "logprobs", "echo", "best_of")
+_COMPLETION_FIELDS = (*_COMMON, "prompt", "logprobs", "echo", "best_of", "response_format")
 _CHAT_FIELDS = (*_COMMON, "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
                 "chat_template_kwargs")
 _CHAT_IGNORED = (*_IGNORED, "parallel_tool_calls", "tool_choice")
@@ -84,7 +84,7 @@ async def parse_completion(data: dict, state: ServerState) -> OpenAIRequest:
         raise APIError(400, f"`best_of` ({best_of}) other than `n` ({n}) is not supported", param="best_of")
     top = body.get_int_range("logprobs", 0, 20)
     echo = body.get("echo", BOOL, False)
-    sampling = {**_sampling(body, n), "max_new_tokens": body.get("max_tokens", INT, 16)}
+    sampling = {**_sampling(body, n), **_response_format(body), "max_new_tokens": body.get("max_tokens", INT, 16)}
     rid = _rid(body, "cmpl")
     echo_texts = None
     if echo:  # token-id prompts echo as their text, decoded off the loop
@@ -161,7 +161,8 @@ def _response_format(body: Body) -> dict[str, Any]:
     if fmt.get("type") == "json_object":
         return {"json_schema": json.dumps({"type": "object"})}
     if fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict):
-        return {"json_schema": json.dumps(fmt["json_schema"].get("schema", {}))}
+        schema = fmt["json_schema"].get("schema", {})  # no schema: any JSON value
+        return {"json_schema": schema if isinstance(schema, str) else json.dumps(schema)}
     raise APIError(400, "`response_format.type` must be text, json_object or json_schema (with a json_schema "
                         "object)", param="response_format")
 
