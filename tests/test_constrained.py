@@ -53,8 +53,16 @@ def prompts():
 
 def make_engine(tiny_dir, **kw):
     args = dict(max_running_requests=16, max_prefill_tokens=128, chunked_prefill_size=128, context_length=256,
-                dtype="float32")
+                dtype="float32", compilation_cache_dir=str(tiny_dir.parent / "constrained-jax-cache"))
     return jaxserve.Engine(str(tiny_dir), **{**args, **kw})
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["overlap", "sync"])
+def engine(request, tiny_dir):
+    e = make_engine(tiny_dir, disable_overlap_schedule=not request.param)
+    e.overlap = request.param
+    yield e
+    e.shutdown()
 
 
 def constrained_params(regex):
@@ -67,56 +75,46 @@ def assert_valid(results, regexes):
         assert re.fullmatch(rx, r["text"]), (rx, r["text"])
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])
-def test_free_rows_next_to_constrained_rows_equal_alone(tiny_dir, prompts, overlap):
-    e = make_engine(tiny_dir, disable_overlap_schedule=not overlap)
+def test_free_rows_next_to_constrained_rows_equal_alone(engine, prompts):
+    e = engine
+    alone = [r["output_ids"] for r in e.generate(input_ids=prompts, sampling_params=FREE)]
+    compiles = compile_count()
+    mixed = e.generate(input_ids=prompts + prompts,
+                       sampling_params=[FREE] * len(prompts) + [constrained_params(rx) for rx in REGEXES])
+    assert [r["output_ids"] for r in mixed[: len(prompts)]] == alone
+    assert_valid(mixed[len(prompts):], REGEXES)
+    assert compile_count() == compiles  # one sample program with or without masks
+    # Sampled constrained rows are valid too, and seeded ones reproduce.
+    sampled = [{"temperature": 1.0, "max_new_tokens": 60, "regex": rx, "sampling_seed": 7} for rx in REGEXES]
+    first = e.generate(input_ids=prompts, sampling_params=sampled)
+    assert_valid(first, REGEXES)
+    assert [r["text"] for r in e.generate(input_ids=prompts, sampling_params=sampled)] == [r["text"] for r in first]
+
+
+def test_jump_forward_changes_no_greedy_output(engine, tiny_dir, prompts):
+    params = {"temperature": 0, "max_new_tokens": 120, "json_schema": json.dumps(SCHEMA)}
+    steps = engine.get_server_info()["num_steps"]
+    on = engine.generate(input_ids=prompts[:3], sampling_params=params)
+    steps_on = engine.get_server_info()["num_steps"] - steps
+    e = make_engine(tiny_dir, disable_overlap_schedule=not engine.overlap, disable_jump_forward=True)
     try:
-        alone = [r["output_ids"] for r in e.generate(input_ids=prompts, sampling_params=FREE)]
-        compiles = compile_count()
-        mixed = e.generate(input_ids=prompts + prompts,
-                           sampling_params=[FREE] * len(prompts) + [constrained_params(rx) for rx in REGEXES])
-        assert [r["output_ids"] for r in mixed[: len(prompts)]] == alone
-        assert_valid(mixed[len(prompts):], REGEXES)
-        assert compile_count() == compiles  # one sample program with or without masks
-        # Sampled constrained rows are valid too, and seeded ones reproduce.
-        sampled = [{"temperature": 1.0, "max_new_tokens": 60, "regex": rx, "sampling_seed": 7} for rx in REGEXES]
-        first = e.generate(input_ids=prompts, sampling_params=sampled)
-        assert_valid(first, REGEXES)
-        assert [r["text"] for r in e.generate(input_ids=prompts, sampling_params=sampled)] == [r["text"] for r in first]
+        off = e.generate(input_ids=prompts[:3], sampling_params=params)
+        steps_off = e.get_server_info()["num_steps"]
     finally:
         e.shutdown()
+    for a, b in zip(on, off):
+        assert a["output_ids"] == b["output_ids"] and a["text"] == b["text"]
+        jsonschema.validate(json.loads(a["text"]), SCHEMA)
+        assert a["meta_info"]["forced_tokens"] > len(a["output_ids"]) // 2  # the keys are forced
+        assert b["meta_info"]["forced_tokens"] == 0
+    assert steps_on < steps_off / 2
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])
-def test_jump_forward_changes_no_greedy_output(tiny_dir, prompts, overlap):
-    params = {"temperature": 0, "max_new_tokens": 120, "json_schema": json.dumps(SCHEMA)}
-    outputs = {}
-    for jump in (True, False):
-        e = make_engine(tiny_dir, disable_overlap_schedule=not overlap, disable_jump_forward=not jump)
-        try:
-            outputs[jump] = e.generate(input_ids=prompts[:3], sampling_params=params)
-            steps = e.get_server_info()["num_steps"]
-            outputs[jump, "steps"] = steps
-        finally:
-            e.shutdown()
-    for on, off in zip(outputs[True], outputs[False]):
-        assert on["output_ids"] == off["output_ids"] and on["text"] == off["text"]
-        jsonschema.validate(json.loads(on["text"]), SCHEMA)
-        assert on["meta_info"]["forced_tokens"] > len(on["output_ids"]) // 2  # the keys are forced
-        assert off["meta_info"]["forced_tokens"] == 0
-    assert outputs[True, "steps"] < outputs[False, "steps"] / 2
-
-
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])
-def test_retraction_keeps_constrained_outputs(tiny_dir, prompts, overlap):
+def test_retraction_keeps_constrained_outputs(engine, tiny_dir, prompts):
     params = [constrained_params(rx) for rx in REGEXES] + [
         {"temperature": 0, "max_new_tokens": 120, "json_schema": SCHEMA}] * len(REGEXES)
-    roomy = make_engine(tiny_dir, disable_overlap_schedule=not overlap)
-    try:
-        reference = roomy.generate(input_ids=prompts + prompts, sampling_params=params)
-    finally:
-        roomy.shutdown()
-    tight = make_engine(tiny_dir, max_total_tokens=256, disable_overlap_schedule=not overlap)
+    reference = engine.generate(input_ids=prompts + prompts, sampling_params=params)
+    tight = make_engine(tiny_dir, max_total_tokens=256, disable_overlap_schedule=not engine.overlap)
     try:
         results = tight.generate(input_ids=prompts + prompts, sampling_params=params)
         assert tight.get_server_info()["num_retractions"] > 0
@@ -128,37 +126,32 @@ def test_retraction_keeps_constrained_outputs(tiny_dir, prompts, overlap):
         jsonschema.validate(json.loads(r["text"]), SCHEMA)
 
 
-def test_step_mask_matches_llguidance_per_row(tiny_dir):
+def test_step_mask_matches_llguidance_per_row(engine):
     """The batch filler writes each grammar's mask into its row, all-ones elsewhere."""
-    e = make_engine(tiny_dir)
-    try:
-        grammars = [e.grammars.get(spec_of(SamplingParams(regex=rx))).start() for rx in REGEXES[:3]]
-        mask = fill_masks([(1, grammars[0]), (3, grammars[1]), (4, grammars[2])], 6, e.model.config.vocab_size)
-        assert (mask[[0, 2, 5]] == -1).all()
-        for row, g in zip((1, 3, 4), grammars):
-            alone = np.frombuffer(g.matcher.compute_bitmask(), np.int32)  # may carry a spare trailing word
-            assert not alone[mask.shape[1]:].any()
-            alone = alone[: mask.shape[1]]
-            np.testing.assert_array_equal(mask[row], alone)
-        allowed = np.nonzero(np.unpackbits(mask[1].view(np.uint8), bitorder="little"))[0]
-        texts = {e.tokenizer.decode([int(t)]) for t in allowed}  # (yes|no): exactly the tokens that start a word
-        assert texts and all("yes".startswith(t) or "no".startswith(t) for t in texts), texts
-        assert {"y", "n", "yes", "no"} <= texts | {"y", "n"}
-        assert e.grammars.get(spec_of(SamplingParams(regex=REGEXES[0]))) is e.grammars.get(
-            spec_of(SamplingParams(regex=REGEXES[0])))  # compiled once
-    finally:
-        e.shutdown()
+    e = engine
+    grammars = [e.grammars.get(spec_of(SamplingParams(regex=rx))).start() for rx in REGEXES[:3]]
+    mask = fill_masks([(1, grammars[0]), (3, grammars[1]), (4, grammars[2])], 6, e.model.config.vocab_size)
+    assert (mask[[0, 2, 5]] == -1).all()
+    for row, g in zip((1, 3, 4), grammars):
+        alone = np.frombuffer(g.matcher.compute_bitmask(), np.int32)  # may carry a spare trailing word
+        assert not alone[mask.shape[1]:].any()
+        alone = alone[: mask.shape[1]]
+        np.testing.assert_array_equal(mask[row], alone)
+    allowed = np.nonzero(np.unpackbits(mask[1].view(np.uint8), bitorder="little"))[0]
+    texts = {e.tokenizer.decode([int(t)]) for t in allowed}  # (yes|no): exactly the tokens that start a word
+    assert texts and all("yes".startswith(t) or "no".startswith(t) for t in texts), texts
+    assert {"y", "n", "yes", "no"} <= texts | {"y", "n"}
+    assert e.grammars.get(spec_of(SamplingParams(regex=REGEXES[0]))) is e.grammars.get(
+        spec_of(SamplingParams(regex=REGEXES[0])))  # compiled once
 
 
-def test_bad_grammars_never_reach_the_scheduler(tiny_dir):
-    e = make_engine(tiny_dir)
-    try:
-        for params in ({"regex": "("}, {"ebnf": "root ::= ("}, {"json_schema": "{not json"}, {"json_schema": "[1]"},
-                       {"choice": []}, {"regex": "a", "choice": ["a"]}, {"ebnf": "root ::= missing"}):
-            with pytest.raises(jaxserve.errors.InvalidRequestError, match=next(iter(params))):
-                e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 4, **params})
-        assert e.get_server_info()["num_steps"] == 0
-        assert e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 4, "choice": ["ab", "cd"]})[
-            "text"] in ("ab", "cd")
-    finally:
-        e.shutdown()
+def test_bad_grammars_never_reach_the_scheduler(engine):
+    e = engine
+    steps = e.get_server_info()["num_steps"]
+    for params in ({"regex": "("}, {"ebnf": "root ::= ("}, {"json_schema": "{not json"}, {"json_schema": "[1]"},
+                   {"choice": []}, {"regex": "a", "choice": ["a"]}, {"ebnf": "root ::= missing"}):
+        with pytest.raises(jaxserve.errors.InvalidRequestError, match=next(iter(params))):
+            e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 4, **params})
+    assert e.get_server_info()["num_steps"] == steps
+    assert e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 4, "choice": ["ab", "cd"]})[
+        "text"] in ("ab", "cd")
