@@ -36,7 +36,7 @@ CASES = [
     ("POST", "/generate", {"text": "hi", "sampling_params": {"temperature": "hot"}}, 400,
      "temperature must be a finite number"),
     ("POST", "/generate", {"text": "hi", "sampling_params": {"top_p": 0}}, 400, "top_p must be in (0, 1]"),
-    ("POST", "/generate", {"text": "hi", "sampling_params": {"json_schema": "{}"}}, 400, "not supported yet"),
+    ("POST", "/generate", {"text": "hi", "sampling_params": {"json_schema": "{no"}}, 400, "json_schema is not valid JSON"),
     ("POST", "/generate", {"text": "hi", "sampling_params": {"bogus": 1}}, 400, "unknown sampling_params field"),
     ("POST", "/generate", {**GEN, "image_data": "http://x/cat.png"}, 400, "`image_data` is not supported"),
     ("POST", "/generate", {**GEN, "return_logprob": "yes"}, 400, "`return_logprob` must be a boolean"),
