@@ -1,0 +1,632 @@
+"""Structured outputs end to end on the bundled SmolLM2-135M-Instruct.
+
+Every output is checked against an independent reference: `jsonschema` (with its format
+checker, so `date`, `email`, `ipv4` and `uuid` are checked), Python's `re` (and the `regex`
+module's partial matching for outputs a stop string cut), and `lark` for the EBNF
+grammars; the first token of greedy regex and choice outputs is checked against the
+model's own logits masked by an allowed set computed from the vocabulary. To stay cheap on
+a CPU, one module-scoped engine runs almost every request of the file in two batched
+`generate` calls (greedy, then sampled): each JSON schema, regex, grammar and choice list
+greedy and with three sampling seeds, an `n > 1` request, stop strings and length cuts.
+A second engine (jump-forward off, sharing the compilation cache) reruns three greedy
+schemas.
+"""
+
+import json
+import re
+
+import jsonschema
+import lark
+import numpy as np
+import pytest
+import regex as regex_module
+
+import jaxserve
+from jaxserve.errors import InvalidRequestError
+from jaxserve.models.batch import ForwardBatch
+
+ENGINE_ARGS = dict(max_running_requests=32, max_prefill_tokens=512, chunked_prefill_size=512, context_length=1024)
+SEEDS = (1, 2, 3)
+SAMPLED = [{"temperature": 1.0, "sampling_seed": s} for s in SEEDS]
+GREEDY = {"temperature": 0}
+VARIANTS = [("greedy", GREEDY)] + [(f"seed{s}", p) for s, p in zip(SEEDS, SAMPLED)]
+FORMATS = jsonschema.FormatChecker()
+
+# ---- JSON schemas: (name, instruction, schema) ----
+
+_LONG_KEYS = {
+    "type": "object",
+    "properties": {
+        "customer_identification_number": {"type": "integer", "minimum": 0, "maximum": 9999},
+        "preferred_communication_channel": {"enum": ["email_notification", "sms_text_message",
+                                                     "postal_mail_delivery"]},
+        "account_creation_calendar_year": {"type": "integer", "minimum": 2000, "maximum": 2025},
+        "customer_satisfaction_rating_out_of_five": {"type": "integer", "minimum": 1, "maximum": 5},
+    },
+    "required": ["customer_identification_number", "preferred_communication_channel",
+                 "account_creation_calendar_year", "customer_satisfaction_rating_out_of_five"],
+    "additionalProperties": False,
+}
+
+SCHEMAS = [
+    ("person", "Describe a fictional person (name, age, city) as JSON.", {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "city": {"type": "string", "minLength": 1, "maxLength": 20},
+        },
+        "required": ["name", "age", "city"],
+        "additionalProperties": False,
+    }),
+    ("product", "Give a product record as JSON: an id like ABC-1234, a price, whether it is in stock, some tags.", {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+            "price": {"type": "number", "minimum": 0, "maximum": 1000},
+            "in_stock": {"type": "boolean"},
+            "tags": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 12},
+                     "minItems": 1, "maxItems": 3},
+        },
+        "required": ["id", "price", "in_stock"],
+        "additionalProperties": False,
+    }),
+    ("event", "Describe a conference as JSON with its title, date and number of attendees.", {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "minLength": 1, "maxLength": 30},
+            "date": {"type": "string", "format": "date"},
+            "attendees": {"type": "integer", "minimum": 1, "maximum": 500},
+        },
+        "required": ["title", "date", "attendees"],
+        "additionalProperties": False,
+    }),
+    ("nested_address", "Give a person with a postal address (street, city, 5-digit zip) as JSON.", {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 20},
+            "address": {
+                "type": "object",
+                "properties": {
+                    "street": {"type": "string", "minLength": 1, "maxLength": 30},
+                    "city": {"type": "string", "minLength": 1, "maxLength": 20},
+                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                },
+                "required": ["street", "city", "zip"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["name", "address"],
+        "additionalProperties": False,
+    }),
+    ("tshirt_order", "Order a T-shirt as JSON: colour, size and quantity.", {
+        "type": "object",
+        "properties": {
+            "color": {"enum": ["red", "green", "blue", "black"]},
+            "size": {"enum": ["S", "M", "L", "XL"]},
+            "quantity": {"type": "integer", "minimum": 1, "maximum": 10},
+        },
+        "required": ["color", "size", "quantity"],
+        "additionalProperties": False,
+    }),
+    ("shopping_list", "Write a short shopping list as JSON: items with a name and a quantity.", {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "minItems": 2,
+                "maxItems": 3,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1, "maxLength": 15},
+                        "qty": {"type": "integer", "minimum": 1, "maximum": 99},
+                    },
+                    "required": ["name", "qty"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+        "required": ["items"],
+        "additionalProperties": False,
+    }),
+    ("int_array", "List between three and five small integers as a JSON array.", {
+        "type": "array",
+        "items": {"type": "integer", "minimum": -10, "maximum": 10},
+        "minItems": 3,
+        "maxItems": 5,
+    }),
+    ("weather", "Report today's weather as JSON: temperature in Celsius, condition, humidity percent.", {
+        "type": "object",
+        "properties": {
+            "temperature_c": {"type": "number", "minimum": -50, "maximum": 60},
+            "condition": {"type": "string", "enum": ["sunny", "cloudy", "rainy", "snowy"]},
+            "humidity": {"type": "integer", "minimum": 0, "maximum": 100},
+        },
+        "required": ["temperature_c", "condition", "humidity"],
+        "additionalProperties": False,
+    }),
+    ("account", "Create a user account as JSON: username, email, whether it is active, and roles.", {
+        "type": "object",
+        "properties": {
+            "username": {"type": "string", "pattern": "^[a-z][a-z0-9_]{2,11}$"},
+            "email": {"type": "string", "format": "email", "maxLength": 40},
+            "active": {"type": "boolean"},
+            "roles": {"type": "array", "items": {"enum": ["admin", "editor", "viewer"]},
+                      "minItems": 1, "maxItems": 3},
+        },
+        "required": ["username", "email", "active", "roles"],
+        "additionalProperties": False,
+    }),
+    ("book", "Describe a book as JSON: title, author (first and last name), year, genres, and optionally its ISBN.", {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "minLength": 1, "maxLength": 40},
+            "author": {
+                "type": "object",
+                "properties": {"first": {"type": "string", "minLength": 1, "maxLength": 15},
+                               "last": {"type": "string", "minLength": 1, "maxLength": 15}},
+                "required": ["first", "last"],
+                "additionalProperties": False,
+            },
+            "year": {"type": "integer", "minimum": 1450, "maximum": 2025},
+            "isbn": {"type": "string", "pattern": "^97[89]-[0-9]{10}$"},
+            "genres": {"type": "array", "items": {"enum": ["fiction", "science", "history", "poetry"]},
+                       "minItems": 1, "maxItems": 2},
+        },
+        "required": ["title", "author", "year", "genres"],
+        "additionalProperties": False,
+    }),
+    ("server", "Describe a server as JSON: hostname, IPv4 address, port and a UUID.", {
+        "type": "object",
+        "properties": {
+            "hostname": {"type": "string", "pattern": "^[a-z]{3,10}[0-9]{2}$"},
+            "ip": {"type": "string", "format": "ipv4"},
+            "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+            "id": {"type": "string", "format": "uuid"},
+        },
+        "required": ["hostname", "ip", "port", "id"],
+        "additionalProperties": False,
+    }),
+    ("matrix", "Give a 2x2 matrix of digits as JSON.", {
+        "type": "object",
+        "properties": {
+            "matrix": {"type": "array", "minItems": 2, "maxItems": 2,
+                       "items": {"type": "array", "minItems": 2, "maxItems": 2,
+                                 "items": {"type": "integer", "minimum": 0, "maximum": 9}}},
+        },
+        "required": ["matrix"],
+        "additionalProperties": False,
+    }),
+    ("status_union", "Report the status of a task as JSON: a result (a number or a short word) and an optional note.", {
+        "type": "object",
+        "properties": {
+            "status": {"const": "ok"},
+            "result": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 100},
+                                 {"type": "string", "minLength": 1, "maxLength": 10}]},
+            "note": {"type": ["string", "null"], "maxLength": 20},
+        },
+        "required": ["status", "result"],
+        "additionalProperties": False,
+    }),
+    ("long_keys", "Record a customer's details as JSON.", _LONG_KEYS),
+]
+
+# ---- regexes: (name, instruction, pattern) ----
+
+OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+REGEXES = [
+    ("ipv4", "What is the IP address of a home router?", rf"({OCTET}\.){{3}}{OCTET}"),
+    ("iso_date", "When did the first Moon landing happen? Give the date.", r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"),
+    ("phone", "Give a US phone number.", r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}"),
+    ("yes_no", "Is the sky blue? Answer yes or no.", r"(yes|no)"),
+    ("email", "Give an email address for John Smith.", r"[a-z]{1,10}\.[a-z]{1,10}@[a-z]{2,10}\.(com|org|net)"),
+    ("hex_colour", "What is the hex code of the colour red?", r"#[0-9a-fA-F]{6}"),
+    ("time", "What time is lunch? Answer as HH:MM.", r"([01][0-9]|2[0-3]):[0-5][0-9]"),
+    ("name_age", "Introduce a person with their name and age.", r"Name: [A-Z][a-z]{1,15}\nAge: [0-9]{1,2}"),
+    ("us_zip", "What is a ZIP code in New York?", r"[0-9]{5}(-[0-9]{4})?"),
+    ("semver", "What version is the latest Python release?", r"v?(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})"),
+    ("sentence", "Write one short sentence about cats.", r"[A-Z][a-z]{1,12}( [a-z]{1,12}){2,6}\."),
+    ("price", "How much does a cup of coffee cost?", r"\$[0-9]{1,4}\.[0-9]{2}"),
+    ("code_digits", "Give a passport number: two capital letters and six digits.", r"[A-Z]{2}\d{6}"),
+]
+
+# ---- EBNF (GBNF) grammars and their independent Lark equivalents ----
+
+ARITH_GBNF = r'''root ::= expr
+expr ::= term (("+" | "-") term){0,3}
+term ::= factor (("*" | "/") factor){0,2}
+factor ::= number | "(" expr ")"
+number ::= [1-9] [0-9]{0,2} | "0"
+'''
+ARITH_LARK = r'''
+start: expr
+expr: term (ADDOP term)~0..3
+term: factor (MULOP factor)~0..2
+factor: NUMBER | "(" expr ")"
+ADDOP: "+" | "-"
+MULOP: "*" | "/"
+NUMBER: /[1-9][0-9]{0,2}|0/
+'''
+SQL_GBNF = r'''root ::= "SELECT " columns " FROM " table " WHERE " column " = " value
+columns ::= "*" | column (", " column){0,3}
+column ::= "id" | "name" | "age" | "city" | "email"
+table ::= "users" | "customers" | "orders"
+value ::= [0-9]{1,4} | "'" [A-Za-z ]{1,16} "'"
+'''
+SQL_LARK = r'''
+start: "SELECT " columns " FROM " TABLE " WHERE " COLUMN " = " value
+columns: "*" | COLUMN (", " COLUMN)~0..3
+COLUMN: "id" | "name" | "age" | "city" | "email"
+TABLE: "users" | "customers" | "orders"
+value: NUMBER | STRING
+NUMBER: /[0-9]{1,4}/
+STRING: /'[A-Za-z ]{1,16}'/
+'''
+GRAMMARS = [
+    ("arith", "Write an arithmetic expression that equals 10.", ARITH_GBNF, ARITH_LARK),
+    ("sql", "Write an SQL query that selects the names of users who live in Paris.", SQL_GBNF, SQL_LARK),
+]
+
+# ---- choices ----
+
+CHOICES = [
+    ("capital", "What is the capital of France?", ["London", "Paris", "Berlin", "Madrid", "Rome"]),
+    ("prefixes", "Do you like ice cream?", ["yes", "yes, definitely", "no", "not sure"]),
+    ("sentences", "Pick a sentence.", ["The quick brown fox jumps over the lazy dog.",
+                                      "A journey of a thousand miles begins with a single step.",
+                                      "To be or not to be, that is the question."]),
+]
+
+# ---- n > 1 and stop strings combined with a grammar ----
+
+N_BRANCHES = 3
+NAME_AGE = r"Name: [A-Z][a-z]{1,15}\nAge: [0-9]{1,2}"
+STOP_CASES = [  # (name, instruction, regex, stop, the part before the stop must full-match this, or None)
+    # The grammar forces the stop string: the output ends just before it.
+    ("stop_forced_newline", "Introduce a person with their name and age.", NAME_AGE, "\n", r"Name: [A-Z][a-z]{1,15}"),
+    ("stop_forced_dot", "What is the IP address of a home router?", rf"({OCTET}\.){{3}}{OCTET}", ".", OCTET),
+    # A stop string the grammar never allows: the output is complete.
+    ("stop_impossible", "Give a US phone number.", r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}", "xyz", None),
+]
+CUT_LENGTH = 20
+CUT_STOP = "communication"  # inside the forced key "preferred_communication_channel"
+
+
+def chat(engine, text):
+    return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+def build_requests(engine):
+    """Every (key, prompt, params) of the batches: key is (kind, name, variant)."""
+    requests = []
+    for name, text, schema in SCHEMAS:
+        prompt = chat(engine, text + " Answer with JSON only.")
+        for variant, params in VARIANTS:
+            # Alternate the two accepted forms of json_schema: a JSON string and a dict.
+            value = json.dumps(schema) if variant in ("greedy", "seed2") else schema
+            requests.append((("json", name, variant), prompt, {**params, "max_new_tokens": 160, "json_schema": value}))
+    for name, text, pattern in REGEXES:
+        for variant, params in VARIANTS:
+            requests.append((("regex", name, variant), chat(engine, text),
+                             {**params, "max_new_tokens": 64, "regex": pattern}))
+    for name, text, gbnf, _ in GRAMMARS:
+        for variant, params in VARIANTS:
+            requests.append((("ebnf", name, variant), chat(engine, text),
+                             {**params, "max_new_tokens": 96, "ebnf": gbnf}))
+    for name, text, choices in CHOICES:
+        for variant, params in VARIANTS:
+            requests.append((("choice", name, variant), chat(engine, text),
+                             {**params, "max_new_tokens": 32, "choice": choices}))
+    for name, text, pattern, stop, _ in STOP_CASES:
+        for variant, params in VARIANTS[:2]:
+            requests.append((("stop", name, variant), chat(engine, text),
+                             {**params, "max_new_tokens": 64, "regex": pattern, "stop": stop}))
+    # Greedy long_keys cut by max_new_tokens, and by a stop string inside a forced key.
+    long_keys = chat(engine, SCHEMAS[-1][1] + " Answer with JSON only.")
+    cut = {**GREEDY, "json_schema": _LONG_KEYS}
+    requests.append((("cut", "length", "greedy"), long_keys, {**cut, "max_new_tokens": CUT_LENGTH}))
+    requests.append((("cut", "stop", "greedy"), long_keys, {**cut, "max_new_tokens": 160, "stop": CUT_STOP}))
+    return requests
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A JAX compilation cache shared by the two engines: the second one compiles nothing."""
+    return str(tmp_path_factory.getbasetemp() / "constrained-jax-cache")
+
+
+@pytest.fixture(scope="module")
+def engine(cache_dir):
+    e = jaxserve.Engine(compilation_cache_dir=cache_dir, **ENGINE_ARGS)
+    yield e
+    e.shutdown()
+
+
+@pytest.fixture(scope="module")
+def results(engine):
+    """Two batched generate calls: {key: result} (the n > 1 request: key -> its branches).
+    The greedy requests go first: the sampled ones, on the same prompts, then find them in
+    the radix cache and skip most of their prefill (on a CPU most of the cost)."""
+    requests = build_requests(engine)
+    greedy = [r for r in requests if r[0][2] == "greedy"]
+    sampled = [r for r in requests if r[0][2] != "greedy"]
+    by_key = {}
+    outputs = engine.generate([p for _, p, _ in greedy], [s for _, _, s in greedy])
+    assert len(outputs) == len(greedy)
+    by_key.update((key, out) for (key, _, _), out in zip(greedy, outputs))
+    n_prompt = chat(engine, SCHEMAS[1][1] + " Answer with JSON only.")
+    n_params = {"temperature": 1.0, "sampling_seed": 7, "n": N_BRANCHES, "max_new_tokens": 160,
+                "json_schema": SCHEMAS[1][2]}
+    outputs = engine.generate([p for _, p, _ in sampled] + [n_prompt], [s for _, _, s in sampled] + [n_params])
+    assert len(outputs) == len(sampled) + N_BRANCHES
+    by_key.update((key, out) for (key, _, _), out in zip(sampled, outputs))
+    by_key[("n", "product", "branches")] = outputs[len(sampled):]
+    return by_key
+
+
+def _report(failures):
+    assert not failures, "\n".join(failures)
+
+
+def _finished_by_grammar_or_eos(engine, out):
+    """The request stopped because its grammar completed (matched None) or on EOS."""
+    reason = out["meta_info"]["finish_reason"]
+    return reason["type"] == "stop" and (reason["matched"] is None or reason["matched"] in engine.tokenizer.eos_token_ids)
+
+
+def _compact(text):
+    """The compact JSON layout: outside strings, one space after each `:` and `,` and no
+    other whitespace."""
+    rest = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+    return re.search(r"[:,](?! )", rest) is None and not re.search(r"\s", rest.replace(": ", ":").replace(", ", ","))
+
+
+def test_compact_layout_reference():
+    assert _compact('{"a": 1, "b": [2, 3], "c": "x,y:  z"}')
+    assert not _compact('{"a":1}') and not _compact('{"a": 1,"b": 2}') and not _compact('{"a":  1}')
+    assert not _compact('{\n"a": 1}') and not _compact('[1, 2 ]')
+
+
+def test_date_format_is_really_checked():
+    """The reference must reject what the schema forbids: jsonschema 4.26 checks `date`
+    (with datetime.date.fromisoformat) without optional dependencies."""
+    schema = {"type": "string", "format": "date"}
+    jsonschema.validate("2024-02-29", schema, format_checker=FORMATS)
+    for bad in ("2024-02-30", "2023-02-29", "2024-1-5", "20240105", "yesterday"):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema, format_checker=FORMATS)
+    for fmt, bad in (("email", "no-at-sign"), ("ipv4", "256.1.1.1"), ("uuid", "1234")):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, {"type": "string", "format": fmt}, format_checker=FORMATS)
+
+
+def test_json_schemas_greedy_and_sampled(engine, results):
+    failures = []
+    for name, _, schema in SCHEMAS:
+        jsonschema.Draft202012Validator.check_schema(schema)
+        for variant, _ in VARIANTS:
+            out = results[("json", name, variant)]
+            text, meta = out["text"], out["meta_info"]
+            if not _finished_by_grammar_or_eos(engine, out):
+                failures.append(f"{name}/{variant}: finish_reason {meta['finish_reason']}: {text!r}")
+                continue
+            try:
+                jsonschema.validate(json.loads(text), schema, format_checker=FORMATS)
+            except (ValueError, jsonschema.ValidationError) as e:
+                failures.append(f"{name}/{variant}: {type(e).__name__}: {str(e).splitlines()[0]}: {text!r}")
+                continue
+            if not _compact(text):
+                failures.append(f"{name}/{variant}: not in the compact layout: {text!r}")
+            if meta["completion_tokens"] > 160:
+                failures.append(f"{name}/{variant}: {meta['completion_tokens']} tokens > max_new_tokens")
+    _report(failures)
+
+
+def test_sampling_seeds_give_different_valid_outputs(results):
+    """Sampling is really on: across the schemas, the three seeds do not all agree."""
+    differing = sum(len({results[("json", name, v)]["text"] for v, _ in VARIANTS[1:]}) > 1 for name, _, _ in SCHEMAS)
+    assert differing >= len(SCHEMAS) // 2, differing
+
+
+def test_regexes_greedy_and_sampled(engine, results):
+    failures = []
+    for name, _, pattern in REGEXES:
+        for variant, _ in VARIANTS:
+            out = results[("regex", name, variant)]
+            if not _finished_by_grammar_or_eos(engine, out):
+                failures.append(f"{name}/{variant}: finish_reason {out['meta_info']['finish_reason']}: {out['text']!r}")
+            elif re.fullmatch(pattern, out["text"]) is None:
+                failures.append(f"{name}/{variant}: {out['text']!r} does not match {pattern!r}")
+    _report(failures)
+
+
+def test_multiline_regex_output_has_both_lines(results):
+    for variant, _ in VARIANTS:
+        lines = results[("regex", "name_age", variant)]["text"].split("\n")
+        assert len(lines) == 2 and lines[0].startswith("Name: ") and lines[1].startswith("Age: "), lines
+
+
+def test_ebnf_grammars_parse_with_lark(engine, results):
+    failures = []
+    for name, _, _, lark_grammar in GRAMMARS:
+        parser = lark.Lark(lark_grammar, start="start", parser="earley", lexer="dynamic")
+        for variant, _ in VARIANTS:
+            out = results[("ebnf", name, variant)]
+            if out["meta_info"]["finish_reason"]["type"] != "stop":
+                failures.append(f"{name}/{variant}: finish_reason {out['meta_info']['finish_reason']}: {out['text']!r}")
+                continue
+            try:
+                parser.parse(out["text"])
+            except lark.exceptions.LarkError as e:
+                failures.append(f"{name}/{variant}: lark rejects {out['text']!r}: {str(e).splitlines()[0]}")
+    _report(failures)
+
+
+def test_lark_references_reject_what_the_grammars_forbid():
+    arith = lark.Lark(ARITH_LARK, start="start", parser="earley", lexer="dynamic")
+    sql = lark.Lark(SQL_LARK, start="start", parser="earley", lexer="dynamic")
+    arith.parse("(12-3)/4+1")
+    sql.parse("SELECT name, age FROM users WHERE city = 'Paris'")
+    for bad_arith in ("01", "1+2+3+4+5", "1 + 2", "(1"):
+        with pytest.raises(lark.exceptions.LarkError):
+            arith.parse(bad_arith)
+    for bad_sql in ("SELECT FROM users WHERE id = 1", "SELECT name FROM people WHERE id = 1",
+                    "SELECT name FROM users WHERE id = 12345"):
+        with pytest.raises(lark.exceptions.LarkError):
+            sql.parse(bad_sql)
+
+
+def test_choices_are_exact(engine, results):
+    failures = []
+    for name, _, choices in CHOICES:
+        for variant, _ in VARIANTS:
+            out = results[("choice", name, variant)]
+            if not _finished_by_grammar_or_eos(engine, out):
+                failures.append(f"{name}/{variant}: finish_reason {out['meta_info']['finish_reason']}: {out['text']!r}")
+            elif out["text"] not in choices:
+                failures.append(f"{name}/{variant}: {out['text']!r} is not one of {choices}")
+    _report(failures)
+
+
+def _last_logits(engine, prompts):
+    """The model's float32 logits after each prompt: one ragged forward, outside the engine."""
+    model = engine.model
+    seqs, page = [], 1
+    for prompt in prompts:
+        ids = engine.tokenizer.encode(prompt)
+        n_pages = -(-len(ids) // model.page_size)
+        seqs.append((ids, 0, list(range(page, page + n_pages))))
+        page += n_pages
+    k, v = model.new_kv_cache(page)
+    logits, _, _ = model.forward(ForwardBatch.build(seqs, model.page_size), k, v)
+    ends = np.cumsum([len(ids) for ids, _, _ in seqs]) - 1
+    return np.asarray(logits, np.float32)[ends]
+
+
+def test_first_constrained_token_is_the_masked_argmax(engine, results):
+    """Greedy, the first output token (always sampled, never forced) is the model's best
+    token among those whose text can start a match: the allowed set computed here from the
+    vocabulary with the `regex` module's partial matching, independently of llguidance."""
+    rust = engine.tokenizer.rust
+    specials = set(rust.get_added_tokens_decoder())
+    pieces = rust.decode_batch([[i] for i in range(rust.get_vocab_size())])
+    cases = [(("regex", name, "greedy"), text, pattern) for name, text, pattern in REGEXES]
+    cases += [(("choice", name, "greedy"), text, "|".join(re.escape(c) for c in choices))
+              for name, text, choices in CHOICES]
+    logits = _last_logits(engine, [chat(engine, text) for _, text, _ in cases])
+    failures = []
+    for (key, _, pattern), row in zip(cases, logits):
+        compiled = regex_module.compile(pattern)
+        allowed = np.zeros(row.shape[0], bool)
+        for i, piece in enumerate(pieces):
+            if piece and i not in specials and "\ufffd" not in piece:
+                allowed[i] = compiled.fullmatch(piece, partial=True) is not None
+        best = int(np.argmax(np.where(allowed, row, -np.inf)))
+        first = results[key]["output_ids"][0]
+        # Near-ties may flip between the engine's batched forward and this one.
+        if first != best and not (allowed[first] and row[first] >= row[best] - 1e-3 * abs(row[best]) - 1e-3):
+            failures.append(f"{key}: first token {first} {pieces[first]!r} (logit {row[first]:.4f}, allowed "
+                            f"{bool(allowed[first])}); masked argmax {best} {pieces[best]!r} ({row[best]:.4f})")
+    _report(failures)
+
+
+def test_n_branches_are_each_valid(engine, results):
+    branches = results[("n", "product", "branches")]
+    schema = SCHEMAS[1][2]
+    assert len(branches) == N_BRANCHES
+    for out in branches:
+        assert _finished_by_grammar_or_eos(engine, out), out
+        jsonschema.validate(json.loads(out["text"]), schema, format_checker=FORMATS)
+    assert len({out["text"] for out in branches}) > 1, [out["text"] for out in branches]
+
+
+def test_stop_strings_with_a_regex(engine, results):
+    for name, _, pattern, stop, before in STOP_CASES:
+        for variant, _ in VARIANTS[:2]:
+            out = results[("stop", name, variant)]
+            text, reason = out["text"], out["meta_info"]["finish_reason"]
+            assert stop not in text, (name, variant, text)
+            # Whatever was kept is a prefix of some full match of the grammar.
+            assert regex_module.fullmatch(pattern, text, partial=True) is not None, (name, variant, text)
+            if before is not None:  # the grammar forces the stop string: it ends the request
+                assert reason == {"type": "stop", "matched": stop}, (name, variant, reason, text)
+                assert re.fullmatch(before, text), (name, variant, text)
+                assert re.fullmatch(pattern, text) is None  # cut: not a complete match
+                # The same request without the stop string continues past it.
+                full = results[("regex", "name_age" if stop == "\n" else "ipv4", variant)]["text"]
+                assert full.startswith(text + stop), (name, variant, text, full)
+            else:
+                assert _finished_by_grammar_or_eos(engine, out), (name, variant, reason, text)
+                assert re.fullmatch(pattern, text), (name, variant, text)
+
+
+def test_outputs_cut_by_length_or_stop_inside_a_forced_run(results):
+    """A grammar's forced tokens respect max_new_tokens and stop strings: the cut output is
+    a prefix of the uncut one."""
+    full = results[("json", "long_keys", "greedy")]["text"]
+    assert CUT_STOP in full
+    out = results[("cut", "length", "greedy")]
+    assert out["meta_info"]["finish_reason"] == {"type": "length", "length": CUT_LENGTH}, out["meta_info"]
+    assert out["meta_info"]["completion_tokens"] == len(out["output_ids"]) == CUT_LENGTH
+    assert full.startswith(out["text"]) and len(out["text"]) < len(full), (out["text"], full)
+    out = results[("cut", "stop", "greedy")]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": CUT_STOP}, out["meta_info"]
+    assert out["text"] == full[:full.index(CUT_STOP)], (out["text"], full)
+    assert out["meta_info"]["completion_tokens"] == len(out["output_ids"])
+
+
+def test_forced_tokens_count_only_output_tokens(results):
+    """`forced_tokens` counts output tokens appended by jump-forward. The first output
+    token is always sampled, so it is below `completion_tokens`; where a stop string cuts
+    a forced run, the forced tokens past the cut are not output and must not count."""
+    failures = []
+    for key, out in results.items():
+        for branch in out if isinstance(out, list) else [out]:
+            meta = branch["meta_info"]
+            if not 0 <= meta["forced_tokens"] < meta["completion_tokens"]:
+                failures.append(f"{key}: forced_tokens {meta['forced_tokens']} of {meta['completion_tokens']} "
+                                f"output tokens {branch['output_ids']}: {branch['text']!r} {meta['finish_reason']}")
+    # The stop-cut long_keys output is a token prefix of the length-cut one, so (same greedy
+    # path, same forced runs) it cannot hold more forced tokens.
+    by_stop, by_length = results[("cut", "stop", "greedy")], results[("cut", "length", "greedy")]
+    assert by_length["output_ids"][:len(by_stop["output_ids"])] == by_stop["output_ids"]
+    if by_stop["meta_info"]["forced_tokens"] > by_length["meta_info"]["forced_tokens"]:
+        failures.append(f"cut by stop {CUT_STOP!r}: forced_tokens {by_stop['meta_info']['forced_tokens']} of "
+                        f"{len(by_stop['output_ids'])} output tokens, but the first {len(by_length['output_ids'])} "
+                        f"tokens of the same output hold only {by_length['meta_info']['forced_tokens']}")
+    _report(failures)
+
+
+def test_invalid_grammars_are_rejected_up_front(engine):
+    for params in ({"regex": "("}, {"json_schema": "{not json"}, {"ebnf": "root ::= (("},
+                   {"choice": []}, {"regex": "a", "choice": ["a"]}, {"json_schema": 3}):
+        with pytest.raises(InvalidRequestError):
+            engine.generate("x", {"max_new_tokens": 4, **params})
+    # The engine is still serving.
+    assert engine.generate(chat(engine, "Is water wet?"), {"temperature": 0, "max_new_tokens": 8,
+                                                          "regex": "(yes|no)"})["text"] in ("yes", "no")
+
+
+JUMP_FORWARD_SCHEMAS = ["long_keys", "book", "status_union"]
+
+
+def test_jump_forward_forces_tokens_and_changes_nothing(engine, results, cache_dir):
+    """With jump-forward on the long fixed keys are appended without sampling
+    (forced_tokens > 0); an engine with it off samples every token (forced_tokens == 0)
+    and, greedy, writes exactly the same outputs."""
+    assert results[("json", "long_keys", "greedy")]["meta_info"]["forced_tokens"] > 10
+    off = jaxserve.Engine(disable_jump_forward=True, compilation_cache_dir=cache_dir, **ENGINE_ARGS)
+    try:
+        schemas = {name: (text, schema) for name, text, schema in SCHEMAS}
+        prompts = [chat(off, schemas[n][0] + " Answer with JSON only.") for n in JUMP_FORWARD_SCHEMAS]
+        params = [{**GREEDY, "max_new_tokens": 160, "json_schema": schemas[n][1]} for n in JUMP_FORWARD_SCHEMAS]
+        outputs = off.generate(prompts, params)
+    finally:
+        off.shutdown()
+    for name, out in zip(JUMP_FORWARD_SCHEMAS, outputs):
+        on = results[("json", name, "greedy")]
+        assert out["meta_info"]["forced_tokens"] == 0, (name, out["meta_info"])
+        assert on["meta_info"]["forced_tokens"] > 0, (name, on["meta_info"])
+        assert out["text"] == on["text"], (name, out["text"], on["text"])
+        assert out["meta_info"]["finish_reason"]["type"] == "stop"
