@@ -141,7 +141,6 @@ def _constrained(req: Request, token: int, output_lps, input_lps, scheduler, out
         forced = grammar.forced(req.token_limit - req.num_tokens - 1)
         if forced:
             new += forced
-            req.num_forced += len(forced)
             req.drop_emits, req.num_pending = req.num_pending, 0  # samples in flight are now stale
     text, reason, taken = "", None, 0
     for t in new:
@@ -150,8 +149,9 @@ def _constrained(req: Request, token: int, output_lps, input_lps, scheduler, out
         taken += 1
         piece, reason = req.stop.on_token(t, req.num_tokens - req.prompt_len, req.num_tokens)
         text += piece
-        if reason is not None:
+        if reason is not None:  # a stop string or the length limit: the rest is not output
             break
+    req.num_forced += taken - 1  # new[0] was sampled
     if reason is None and grammar.done:
         reason = {"type": "stop", "matched": None}
         text += req.stop.finish_text()
