@@ -11,6 +11,7 @@ import pytest
     ("scripts/bench_prefix.py", "throughput ratio on/off"),
     ("scripts/bench_host_overhead.py", "device-idle gap"),
     ("scripts/bench_prefill.py", "one long prompt tok/s"),
+    ("scripts/bench_constrained.py", "constrained/unconstrained throughput ratio"),
 ])
 def test_bench_quick(script, expect):
     out = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=600)
