@@ -149,9 +149,26 @@ def test_bad_grammars_never_reach_the_scheduler(engine):
     e = engine
     steps = e.get_server_info()["num_steps"]
     for params in ({"regex": "("}, {"ebnf": "root ::= ("}, {"json_schema": "{not json"}, {"json_schema": "[1]"},
-                   {"choice": []}, {"regex": "a", "choice": ["a"]}, {"ebnf": "root ::= missing"}):
+                   {"choice": []}, {"regex": "a", "choice": ["a"]}, {"ebnf": "root ::= missing"},
+                   {"json_schema": False}):
         with pytest.raises(jaxserve.errors.InvalidRequestError, match=next(iter(params))):
             e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 4, **params})
     assert e.get_server_info()["num_steps"] == steps
     assert e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 4, "choice": ["ab", "cd"]})[
         "text"] in ("ab", "cd")
+
+
+def test_grammar_failures_mid_request_end_it_with_a_short_error(engine):
+    # A literal that spells a special token: llguidance forces the token, then refuses it.
+    out = engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 8, "regex": r"<\|im_end\|>"})
+    reason = out["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and reason["message"].startswith("constrained decoding failed")
+    assert len(reason["message"]) < 400 and "\n" not in reason["message"]  # not llguidance's state dump
+    anything = engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 4, "json_schema": True})
+    assert anything["meta_info"]["completion_tokens"] >= 1  # `true`: any JSON value
+    assert_nothing_held(engine)
+
+
+def assert_nothing_held(engine):
+    info = engine.get_server_info()
+    assert info["num_running_reqs"] == info["num_waiting_reqs"] == info["locked_pages"] == 0

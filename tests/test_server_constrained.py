@@ -203,8 +203,6 @@ def test_openai_malformed_is_400(client):
     assert "regex" in info.value.message
 
 
-@pytest.mark.xfail(strict=True, reason="the engine's 'give at most one of sampling_params regex, ...' message "
-                                       "is not renamed for OpenAI clients (openai_message renames 'sampling_params.' only)")
 def test_openai_two_constraints_message(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,

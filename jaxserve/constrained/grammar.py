@@ -38,7 +38,7 @@ def spec_of(params) -> GrammarSpec | None:
     if not given:
         return None
     if len(given) > 1:
-        raise InvalidRequestError(f"give at most one of sampling_params {', '.join(FIELDS)}; got {', '.join(given)}")
+        raise InvalidRequestError(f"give at most one constraint of {', '.join(FIELDS)}; got {' and '.join(given)}")
     field = given[0]
     value = getattr(params, field)
     if field == "json_schema":
@@ -47,8 +47,11 @@ def spec_of(params) -> GrammarSpec | None:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise InvalidRequestError(f"sampling_params.json_schema is not valid JSON: {e}") from None
-        if not isinstance(value, (dict, bool)):
-            raise InvalidRequestError("sampling_params.json_schema must be a JSON schema object (or its JSON string)")
+        if value is True:  # the schema that allows any JSON value
+            value = {}
+        if not isinstance(value, dict):
+            raise InvalidRequestError("sampling_params.json_schema must be a JSON schema object (or its JSON string)"
+                                      + ("; `false` allows no output at all" if value is False else ""))
         return GrammarSpec(field, json.dumps(value))
     if field == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):

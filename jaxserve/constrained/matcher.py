@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import llguidance
 
+MAX_ERROR_CHARS = 300
+
 
 class Grammar:
     def __init__(self, matcher: llguidance.LLMatcher, jump_forward: bool = True):
@@ -23,7 +25,12 @@ class Grammar:
 
     @property
     def error(self) -> str | None:
-        return self.matcher.get_error() if self.matcher.is_error() else None
+        """Why the matcher stopped working: the first line of llguidance's message (the rest
+        is a dump of its parser state and the grammar)."""
+        if not self.matcher.is_error():
+            return None
+        first = self.matcher.get_error().strip().splitlines()[0]
+        return first if len(first) <= MAX_ERROR_CHARS else first[:MAX_ERROR_CHARS] + "..."
 
     @property
     def done(self) -> bool:
