@@ -2,5 +2,20 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, saved once per test session."""
+    from jaxserve.tokenizer import load_tokenizer
+    from jaxserve.weights.gguf_file import bundled_model_path
+    from tests.hf_models import save_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny")
+    save_tiny_model("llama3", path, seed=11, vocab_size=49152, max_position_embeddings=512)
+    load_tokenizer(bundled_model_path()).save(path)
+    return path

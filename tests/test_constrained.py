@@ -15,9 +15,6 @@ import jaxserve
 from jaxserve.constrained import fill_masks, spec_of
 from jaxserve.runner import compile_count
 from jaxserve.sampling import SamplingParams
-from jaxserve.tokenizer import load_tokenizer
-from jaxserve.weights.gguf_file import bundled_model_path
-from tests.hf_models import save_tiny_model
 
 FREE = {"temperature": 0, "max_new_tokens": 20, "ignore_eos": True}
 REGEXES = [r"(yes|no)", r"[0-9]{3}-[0-9]{4}", r"#[0-9a-f]{6}", r"(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\.[0-9]{1,3}){3}",
@@ -35,14 +32,6 @@ SCHEMA = {  # long fixed keys: jump-forward appends most of the output
                  "gift_wrapping_requested"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    save_tiny_model("llama3", path, seed=11, vocab_size=49152, max_position_embeddings=512)
-    load_tokenizer(bundled_model_path()).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,9 @@ import pytest
 
 import jaxserve
 from jaxserve.errors import EngineUnavailableError
-from jaxserve.tokenizer import load_tokenizer
-from jaxserve.weights.gguf_file import bundled_model_path
-from tests.hf_models import save_tiny_model
 
 GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
 PROMPT = list(range(100, 140))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    save_tiny_model("llama3", path, seed=11, vocab_size=49152, max_position_embeddings=512)
-    load_tokenizer(bundled_model_path()).save(path)
-    return path
 
 
 def make_engine(tiny_dir, **kw):
