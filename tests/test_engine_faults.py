@@ -17,8 +17,7 @@ PROMPT = list(range(100, 140))
 
 
 def make_engine(tiny_dir, **kw):
-    args = dict(max_running_requests=8, max_prefill_tokens=64, context_length=256, dtype="float32",
-                compilation_cache_dir=str(tiny_dir.parent / "engine-jax-cache"))
+    args = dict(max_running_requests=8, max_prefill_tokens=64, context_length=256, dtype="float32")
     return jaxserve.Engine(str(tiny_dir), **{**args, **kw})
 
 

@@ -19,8 +19,7 @@ def engine(tmp_path_factory):
     load_tokenizer(bundled_model_path()).save(path)
     # 25 pages of 16 tokens: three 166-token conversations would pin more than all of it.
     e = jaxserve.Engine(str(path), max_running_requests=8, max_prefill_tokens=128, context_length=256,
-                        max_total_tokens=400, dtype="float32",
-                        compilation_cache_dir=str(path.parent / "engine-jax-cache"))
+                        max_total_tokens=400, dtype="float32")
     yield e
     e.shutdown()
 
