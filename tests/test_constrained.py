@@ -42,7 +42,7 @@ def prompts():
 
 def make_engine(tiny_dir, **kw):
     args = dict(max_running_requests=16, max_prefill_tokens=128, chunked_prefill_size=128, context_length=256,
-                dtype="float32", compilation_cache_dir=str(tiny_dir.parent / "constrained-jax-cache"))
+                dtype="float32")
     return jaxserve.Engine(str(tiny_dir), **{**args, **kw})
 
 
