@@ -331,14 +331,8 @@ def build_requests(engine):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """A JAX compilation cache shared by the two engines: the second one compiles nothing."""
-    return str(tmp_path_factory.getbasetemp() / "constrained-jax-cache")
-
-
-@pytest.fixture(scope="module")
-def engine(cache_dir):
-    e = jaxserve.Engine(compilation_cache_dir=cache_dir, **ENGINE_ARGS)
+def engine():
+    e = jaxserve.Engine(**ENGINE_ARGS)
     yield e
     e.shutdown()
 
@@ -611,12 +605,12 @@ def test_invalid_grammars_are_rejected_up_front(engine):
 JUMP_FORWARD_SCHEMAS = ["long_keys", "book", "status_union"]
 
 
-def test_jump_forward_forces_tokens_and_changes_nothing(engine, results, cache_dir):
+def test_jump_forward_forces_tokens_and_changes_nothing(engine, results):
     """With jump-forward on the long fixed keys are appended without sampling
     (forced_tokens > 0); an engine with it off samples every token (forced_tokens == 0)
     and, greedy, writes exactly the same outputs."""
     assert results[("json", "long_keys", "greedy")]["meta_info"]["forced_tokens"] > 10
-    off = jaxserve.Engine(disable_jump_forward=True, compilation_cache_dir=cache_dir, **ENGINE_ARGS)
+    off = jaxserve.Engine(disable_jump_forward=True, **ENGINE_ARGS)
     try:
         schemas = {name: (text, schema) for name, text, schema in SCHEMAS}
         prompts = [chat(off, schemas[n][0] + " Answer with JSON only.") for n in JUMP_FORWARD_SCHEMAS]
