@@ -4,8 +4,10 @@ error, and (where the engine lives on) leave it serving with exact page accounti
 
 Faults are injected by making one of the engine's own functions raise, once."""
 
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -90,6 +92,18 @@ def test_failed_admission_leaks_nothing(engine, monkeypatch):
     assert reasons == ["abort", "length"]
     assert [r["output_ids"] for r in results if r["meta_info"]["finish_reason"]["type"] == "length"] == [expected]
     assert_idle_accounting(engine)
+
+
+def test_a_shut_down_engine_frees_its_kv_pool(tiny_dir):
+    """Nothing process-wide keeps a runner (its pool, its params) alive after shutdown: a
+    notebook that makes engine after engine does not run out of memory."""
+    e = make_engine(tiny_dir)
+    e.generate(input_ids=PROMPT, sampling_params={"max_new_tokens": 4, "regex": "(yes|no)"})  # masks too
+    runner = weakref.ref(e.scheduler.runner)
+    e.shutdown()
+    del e
+    gc.collect()
+    assert runner() is None
 
 
 def test_shutdown_ends_every_stream_in_flight(tiny_dir):

@@ -117,6 +117,7 @@ class ModelRunner:
         # sharding the compiler chose differently would recompile the next step.
         self.replicated = NamedSharding(model.mesh, P())
         self.kv_sharding = sharding.kv_sharding(model.config, model.mesh)
+        self._all_ones: dict[int, jax.Array] = {}  # sequences per step -> its all-ones grammar mask
         self.reset()
 
     def reset(self) -> None:
@@ -245,9 +246,14 @@ class ModelRunner:
         packed.copy_to_host_async()  # the host reads it next; start the copy as soon as it is ready
         return Sampled(packed, top_ids, top_lp)
 
-    @functools.cache
     def _all_allowed(self, num_seqs: int) -> jax.Array:
-        return jax.device_put(np.full((num_seqs, mask_words(self.vocab)), -1, np.int32), self.replicated)
+        """The all-ones mask of a bucket, made once (a per-runner dict: a cache on the method
+        would keep every runner, and its KV pool, alive after its engine shuts down)."""
+        mask = self._all_ones.get(num_seqs)
+        if mask is None:
+            mask = jax.device_put(np.full((num_seqs, mask_words(self.vocab)), -1, np.int32), self.replicated)
+            self._all_ones[num_seqs] = mask
+        return mask
 
     def input_logprobs(self, fwd: Forward, positions: np.ndarray, targets: np.ndarray, want_top: bool):
         """Logprobs of `targets` [L] under the hidden states at `positions` [L] (padded to
