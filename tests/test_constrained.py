@@ -80,17 +80,17 @@ def test_free_rows_next_to_constrained_rows_equal_alone(engine, prompts):
     assert [r["text"] for r in e.generate(input_ids=prompts, sampling_params=sampled)] == [r["text"] for r in first]
 
 
-def test_jump_forward_changes_no_greedy_output(engine, tiny_dir, prompts):
+def test_jump_forward_changes_no_greedy_output(engine, prompts):
     params = {"temperature": 0, "max_new_tokens": 120, "json_schema": json.dumps(SCHEMA)}
     steps = engine.get_server_info()["num_steps"]
     on = engine.generate(input_ids=prompts[:3], sampling_params=params)
     steps_on = engine.get_server_info()["num_steps"] - steps
-    e = make_engine(tiny_dir, disable_overlap_schedule=not engine.overlap, disable_jump_forward=True)
+    engine.args.disable_jump_forward = True  # read as each request is submitted
     try:
-        off = e.generate(input_ids=prompts[:3], sampling_params=params)
-        steps_off = e.get_server_info()["num_steps"]
+        off = engine.generate(input_ids=prompts[:3], sampling_params=params)
+        steps_off = engine.get_server_info()["num_steps"] - steps - steps_on
     finally:
-        e.shutdown()
+        engine.args.disable_jump_forward = False
     for a, b in zip(on, off):
         assert a["output_ids"] == b["output_ids"] and a["text"] == b["text"]
         jsonschema.validate(json.loads(a["text"]), SCHEMA)

@@ -8,7 +8,7 @@ model's own logits masked by an allowed set computed from the vocabulary. To sta
 a CPU, one module-scoped engine runs almost every request of the file in two batched
 `generate` calls (greedy, then sampled): each JSON schema, regex, grammar and choice list
 greedy and with three sampling seeds, an `n > 1` request, stop strings and length cuts.
-A second engine (jump-forward off) reruns three greedy schemas. The cases are in
+The same engine with jump-forward off reruns three greedy schemas. The cases are in
 `tests/constrained_cases.py`.
 """
 
@@ -349,17 +349,18 @@ JUMP_FORWARD_SCHEMAS = ["long_keys", "book", "status_union"]
 
 def test_jump_forward_forces_tokens_and_changes_nothing(engine, results):
     """With jump-forward on the long fixed keys are appended without sampling
-    (forced_tokens > 0); an engine with it off samples every token (forced_tokens == 0)
-    and, greedy, writes exactly the same outputs."""
+    (forced_tokens > 0); with it off (`--disable-jump-forward`, read as each request is
+    submitted) every token is sampled (forced_tokens == 0) and, greedy, the outputs are
+    exactly the same."""
     assert results[("json", "long_keys", "greedy")]["meta_info"]["forced_tokens"] > 10
-    off = jaxserve.Engine(disable_jump_forward=True, **ENGINE_ARGS)
+    engine.args.disable_jump_forward = True
     try:
         schemas = {name: (text, schema) for name, text, schema in SCHEMAS}
-        prompts = [chat(off, schemas[n][0] + " Answer with JSON only.") for n in JUMP_FORWARD_SCHEMAS]
+        prompts = [chat(engine, schemas[n][0] + " Answer with JSON only.") for n in JUMP_FORWARD_SCHEMAS]
         params = [{**GREEDY, "max_new_tokens": 160, "json_schema": schemas[n][1]} for n in JUMP_FORWARD_SCHEMAS]
-        outputs = off.generate(prompts, params)
+        outputs = engine.generate(prompts, params)
     finally:
-        off.shutdown()
+        engine.args.disable_jump_forward = False
     for name, out in zip(JUMP_FORWARD_SCHEMAS, outputs):
         on = results[("json", name, "greedy")]
         assert out["meta_info"]["forced_tokens"] == 0, (name, out["meta_info"])
