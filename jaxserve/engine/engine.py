@@ -191,8 +191,8 @@ class Engine:
     def get_server_info(self) -> dict[str, Any]:
         stats = self.scheduler.call(self.scheduler.stats)
         args = {**vars(self.args), "api_key": "<set>" if self.args.api_key else None}  # never echo the key
-        return {**args, **stats, **self.grammars.stats(), "page_size": self.args.page_size, "context_length": self.context_length,
-                "max_total_num_tokens": self.pool.max_total_tokens,
+        return {**args, **stats, **self.grammars.stats(), "page_size": self.args.page_size,
+                "context_length": self.context_length, "max_total_num_tokens": self.pool.max_total_tokens,
                 "compilations_after_warmup": compile_count() - self.compiles_at_ready}
 
     def shutdown(self) -> None:

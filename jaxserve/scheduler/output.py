@@ -115,50 +115,44 @@ def process_rows(rows: list[Row], results: StepResults, owed, scheduler, outbox:
             k = req.top_logprobs_num
             top_entry = list(zip(top[0][i, :k].tolist(), top[1][i, :k].tolist())) if k else []
             output_lps = [(logprobs[i], token, top_entry)]
+        new = [token] if req.grammar is None else _grammar_tokens(req, token, scheduler)
+        if not new:
+            continue  # the grammar refused the token: the request ended with an error
+        text, reason = "", None
+        for j, t in enumerate(new):
+            req.token_buf[req.num_tokens] = t
+            req.num_tokens += 1
+            piece, reason = req.stop.on_token(t, req.num_tokens - req.prompt_len, req.num_tokens)
+            text += piece
+            if reason is not None:  # a stop or the length limit: forced tokens after it are not output
+                del new[j + 1 :]
+                break
         if req.grammar is not None:
-            _constrained(req, token, output_lps, input_lps, scheduler, outbox)
-            continue
-        req.token_buf[req.num_tokens] = token
-        req.num_tokens += 1
-        text, reason = req.stop.on_token(token, req.num_tokens - req.prompt_len, req.num_tokens)
+            req.num_forced += len(new) - 1  # new[0] was sampled
+            if reason is None and req.grammar.done:
+                reason = {"type": "stop", "matched": None}
+                text += req.stop.finish_text()
         if reason is not None:
             scheduler.finish(req, reason)
-        outbox.add(req, RequestOutput(req.rid, [token], text, output_lps, input_lps, reason, req.prompt_len,
-                                      req.cached_tokens, req.num_tokens - req.prompt_len))
+        outbox.add(req, RequestOutput(req.rid, new, text, output_lps, input_lps, reason, req.prompt_len,
+                                      req.cached_tokens, req.num_tokens - req.prompt_len, req.num_forced))
 
 
-def _constrained(req: Request, token: int, output_lps, input_lps, scheduler, outbox: Outbox) -> None:
-    """A sampled token of a request with a grammar: the grammar advances past it and past
-    the tokens it then forces (jump-forward: they join the output at once, and the next
-    step computes them in one extend); the request stops where the grammar is complete.
-    Jump-forward is off for requests that want logprobs, so `output_lps` is the one entry."""
+def _grammar_tokens(req: Request, token: int, scheduler) -> list[int]:
+    """The tokens a constrained request gains from its sampled `token`: the token, then the
+    tokens its grammar forces (jump-forward: they join the output at once, and the next step
+    computes them in one extend). Empty if the grammar refuses the token (the request fails).
+    Jump-forward is off for requests that want logprobs, so the output logprobs stay one entry."""
     grammar = req.grammar
     if not grammar.accept(token):
         scheduler.fail(req, f"constrained decoding failed: {grammar.error}")
-        return
-    new = [token]
-    if token not in req.stop_ids:
-        forced = grammar.forced(req.token_limit - req.num_tokens - 1)
-        if forced:
-            new += forced
-            req.drop_emits, req.num_pending = req.num_pending, 0  # samples in flight are now stale
-    text, reason, taken = "", None, 0
-    for t in new:
-        req.token_buf[req.num_tokens] = t
-        req.num_tokens += 1
-        taken += 1
-        piece, reason = req.stop.on_token(t, req.num_tokens - req.prompt_len, req.num_tokens)
-        text += piece
-        if reason is not None:  # a stop string or the length limit: the rest is not output
-            break
-    req.num_forced += taken - 1  # new[0] was sampled
-    if reason is None and grammar.done:
-        reason = {"type": "stop", "matched": None}
-        text += req.stop.finish_text()
-    if reason is not None:
-        scheduler.finish(req, reason)
-    outbox.add(req, RequestOutput(req.rid, new[:taken], text, output_lps, input_lps, reason, req.prompt_len,
-                                  req.cached_tokens, req.num_tokens - req.prompt_len, req.num_forced))
+        return []
+    if token in req.stop_ids:
+        return [token]
+    forced = grammar.forced(req.token_limit - req.num_tokens - 1)
+    if forced:
+        req.drop_emits, req.num_pending = req.num_pending, 0  # samples in flight are now stale
+    return [token, *forced]
 
 
 _NONE: list = []  # shared empty list: deltas never mutate their lists

@@ -49,6 +49,7 @@ class Step:
     owed: list  # input logprobs: [(row, count)]
     fwd: object
     want_top: bool  # some emitting row wants top logprobs
+    needs_mask: bool  # some emitting row has a grammar
     epoch: int  # device-state generation it ran on
     sampled: object = None
     input_lps: list = dataclasses.field(default_factory=list)
@@ -188,7 +189,7 @@ class Scheduler:
         fwd = self.runner.forward(batch)
         self.times.dispatched(dispatch)
         positions, targets, owed = owed_input_logprobs(plan.owed, rows)
-        step = Step(rows, owed, fwd, plan.want_top, self._epoch)
+        step = Step(rows, owed, fwd, plan.want_top, plan.needs_mask, self._epoch)
         if owed:
             lp_top = any(r.req.top_logprobs_num for r, _ in owed)
             size = self.runner.input_logprob_rows
@@ -203,7 +204,7 @@ class Scheduler:
 
     def _sample(self, step: Step) -> Step:
         start = time.perf_counter()
-        step.sampled = self.runner.sample(step.fwd, self._masks(step))
+        step.sampled = self.runner.sample(step.fwd, self._masks(step) if step.needs_mask else None)
         self.times.dispatched(start)
         self.times.host(start)
         self.times.launched(step.sampled)
