@@ -18,6 +18,7 @@ $(RUNTIME_STAMP): pyproject.toml
 
 $(TEST_STAMP): $(RUNTIME_STAMP)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps sglang==0.5.23  # its frontend client only; it would pull torch and the GPU stack
 	touch $(TEST_STAMP)
 
 install: $(RUNTIME_STAMP)

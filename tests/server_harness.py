@@ -74,14 +74,18 @@ def assert_idle_accounting(client) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real server on the tiny model, for one test module."""
-    with running_server(tmp_path_factory) as s:
+def server(request, tmp_path_factory):
+    """A real server on the tiny model, for one test module; it requires the module's
+    `API_KEY` where the module sets one (the engine's shapes stay those of `ENGINE_ARGS`)."""
+    api_key = getattr(request.module, "API_KEY", None)
+    with running_server(tmp_path_factory, **({"api_key": api_key} if api_key else {})) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    """An httpx client for `server`."""
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+def http(request, server):
+    """An httpx client for `server` (sending the module's `API_KEY`, if any)."""
+    api_key = getattr(request.module, "API_KEY", None)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=server.url, timeout=60, headers=headers) as c:
         yield c

@@ -24,7 +24,7 @@ class LogprobOptions:
     """The logprob fields of `/generate`, shared by every prompt of one call."""
 
     return_logprob: bool = False
-    logprob_start_len: int = -1  # -1: output tokens only
+    logprob_start_len: int = -1  # -1: output tokens only (a prefill-only call: its whole input)
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
 
@@ -77,6 +77,10 @@ def check_input(id_lists: list[list[int]], sampling_params, rid, logprobs: Logpr
     if not 0 <= logprobs.top_logprobs_num <= MAX_TOP_LOGPROBS:
         raise InvalidRequestError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]")
     params = [SamplingParams.from_dict(p) for p in params_list]
+    if logprobs.return_logprob and logprobs.logprob_start_len < 0 and all(p.max_new_tokens == 0 for p in params):
+        # Prefill only: the input is all there is to score (SGLang's frontend asks for the
+        # unconditional logprobs of `select` this way and reads them from the first token).
+        logprobs = dataclasses.replace(logprobs, logprob_start_len=0)
     if session is not None:
         if count != 1 or params[0].n != 1:
             raise InvalidRequestError(f"session {session.id} takes one prompt at a time, with n=1")

@@ -133,7 +133,8 @@ class OpenAIFormatter:
         if self.req.chat:
             return {"content": [self._chat_entry(entry) for entry in delta.output_logprobs]}
         columns = self._empty_logprobs()
-        choice.input_offset = self._columns(columns, delta.input_logprobs, choice.input_offset)
+        if self.req.echo_texts is not None:  # prompt logprobs only with echo (prefill-only calls have them)
+            choice.input_offset = self._columns(columns, delta.input_logprobs, choice.input_offset)
         self._columns(columns, delta.output_logprobs, len(choice.echo) + choice.chars)
         return columns
 
