@@ -195,6 +195,32 @@ class Engine:
                 "context_length": self.context_length, "max_total_num_tokens": self.pool.max_total_tokens,
                 "compilations_after_warmup": compile_count() - self.compiles_at_ready}
 
+    def radix_tree(self, head: int = 16) -> dict[str, Any]:
+        """The radix cache as nested plain data (JSON-able): the page counts and the root
+        node; each node has its size, hits, LRU time, lock state, the first `head` tokens
+        of its edge (ids and text) and its children. An empty root with
+        `disable_radix_cache`. Read on the scheduler thread, so it is one consistent state."""
+        cache = self.scheduler.cache
+
+        def snapshot():
+            counts = {name: getattr(cache, name) for name in ("total_pages", "free_pages", "evictable_pages",
+                                                              "locked_pages")}
+            return counts, cache.export(head)
+
+        counts, rows = self.scheduler.call(snapshot)
+        nodes: dict[int, dict[str, Any]] = {}
+        for row in rows:  # depth first, so a parent comes before its children
+            locked = row.lock_ref > 0
+            nodes[row.id] = node = {
+                "id": row.id, "num_tokens": row.num_tokens, "num_pages": row.num_pages, "hits": row.hits,
+                "last_access": row.last_access, "lock_ref": row.lock_ref, "locked": locked,
+                "evictable": row.parent_id is not None and not locked, "head_tokens": list(row.head_tokens),
+                "head_text": self.tokenizer.decode(row.head_tokens, skip_special_tokens=False),
+                "children": []}
+            if row.parent_id is not None:
+                nodes[row.parent_id]["children"].append(node)
+        return {"page_size": cache.page_size, **counts, "root": nodes[rows[0].id]}
+
     def shutdown(self) -> None:
         """Stop: in-flight work is aborted and every stream or call ends with an abort."""
         self._stopped = True

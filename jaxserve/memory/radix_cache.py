@@ -32,7 +32,9 @@ another request cached meanwhile, so the caller frees them. The same code works 
 :class:`NoRadixCache`, whose ``insert`` reports every whole page as present.
 
 Time for LRU is a counter bumped by every ``match_prefix`` and ``insert`` (not a wall
-clock), so eviction order is deterministic.
+clock), so eviction order is deterministic. Each node also counts its ``hits``: the
+``match_prefix`` calls whose match reached into it (the root counts every call), bumped
+on the path walk that refreshes the LRU time anyway.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class RadixNode:
     for ``lock`` / ``unlock``; a handle stays valid across splits (the handle keeps the
     lower part of a split edge, so it always ends where it ended before)."""
 
-    __slots__ = ("id", "parent", "children", "key", "pages", "lock_ref", "last_access")
+    __slots__ = ("id", "parent", "children", "key", "pages", "lock_ref", "last_access", "hits")
 
     def __init__(self, node_id: int, parent: RadixNode | None, key: bytes, pages: np.ndarray,
                  last_access: int) -> None:
@@ -78,6 +80,7 @@ class RadixNode:
         self.pages = pages  # [len(key) // page_bytes] int32
         self.lock_ref = 0
         self.last_access = last_access
+        self.hits = 0  # match_prefix calls that matched into this node (the root: every call)
 
     def __repr__(self) -> str:
         return f"RadixNode(id={self.id}, pages={len(self.pages)}, lock_ref={self.lock_ref})"
@@ -95,6 +98,7 @@ class NodeInfo:
     lock_ref: int
     last_access: int
     head_tokens: tuple[int, ...]  # the first few tokens of the edge
+    hits: int  # match_prefix calls that matched into this node (the root: every call)
 
 
 class RadixCache:
@@ -132,7 +136,7 @@ class RadixCache:
         key = token_key(tokens)
         self._clock += 1
         node, matched = self._descend(key, split=True)
-        path = self._touch(node)
+        path = self._touch(node, hit=True)
         num_tokens = len(key) // _TOKEN_BYTES
         hit = matched // _TOKEN_BYTES
         self.hit_tokens += hit
@@ -187,16 +191,19 @@ class RadixCache:
             node = node.parent  # type: ignore[assignment]
         return np.concatenate(parts[::-1]) if parts else _EMPTY_PAGES
 
-    def _touch(self, node: RadixNode) -> list[np.ndarray]:
-        """Mark the path from the root to ``node`` as used now; returns its page arrays
-        from ``node`` up. Only ``node`` can be a leaf, so it alone is offered to the
-        eviction heap under its new time."""
+    def _touch(self, node: RadixNode, hit: bool = False) -> list[np.ndarray]:
+        """Mark the path from the root to ``node`` as used now (and, for a ``hit``, count
+        it on every node of the path); returns its page arrays from ``node`` up. Only
+        ``node`` can be a leaf, so it alone is offered to the eviction heap under its new
+        time."""
         path: list[np.ndarray] = []
         walk = node
         while walk is not self._root:
             walk.last_access = self._clock
+            walk.hits += hit
             path.append(walk.pages)
             walk = walk.parent  # type: ignore[assignment]
+        self._root.hits += hit
         self._offer(node)
         return path
 
@@ -250,6 +257,7 @@ class RadixCache:
         upper = RadixNode(next(self._ids), parent, child.key[:at], child.pages[: at // pb],
                           child.last_access)
         upper.lock_ref = child.lock_ref  # every lock covering child covers its prefix
+        upper.hits = child.hits  # and so does every match that reached into it
         parent.children[child.key[:pb]] = upper
         child.key = child.key[at:]
         child.pages = child.pages[at // pb :]
@@ -393,6 +401,7 @@ class RadixCache:
                 lock_ref=node.lock_ref,
                 last_access=node.last_access,
                 head_tokens=tuple(np.frombuffer(node.key[: head * _TOKEN_BYTES], np.int32).tolist()),
+                hits=node.hits,
             ))
             children = sorted(node.children.values(), key=lambda c: c.id, reverse=True)
             stack.extend((c, start + num_tokens) for c in children)
@@ -412,7 +421,7 @@ class RadixCache:
             more = ", ..." if row.num_tokens > len(row.head_tokens) else ""
             lock = f" locked x{row.lock_ref}" if row.lock_ref else ""
             lines.append(f"{'  ' * d}#{row.id} [{head}{more}] {row.num_tokens} tok, "
-                         f"{row.num_pages} pg, t={row.last_access}{lock}")
+                         f"{row.num_pages} pg, {row.hits} hits, t={row.last_access}{lock}")
         if len(rows) - 1 > max_nodes:
             lines.append(f"... {len(rows) - 1 - max_nodes} more nodes")
         return "\n".join(lines)
@@ -430,6 +439,7 @@ class NoRadixCache(RadixCache):
 
     def match_prefix(self, tokens: np.ndarray | Sequence[int]) -> tuple[np.ndarray, RadixNode]:
         self.miss_tokens += len(tokens)
+        self._root.hits += 1
         return _EMPTY_PAGES, self._root
 
     def peek_prefix(self, tokens: np.ndarray | Sequence[int]) -> int:

@@ -6,6 +6,7 @@ validates and tokenizes) -> `engine.run` -> the engine's `ResponseBuilder`s -> J
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from contextlib import aclosing
@@ -62,8 +63,10 @@ def native_routes(state: ServerState) -> list[Route]:
 
     async def get_model_info(request: Request) -> Response:
         path = state.args.model_path or state.model_name
+        tokenizer = engine.tokenizer  # the frontend language renders role prefixes with these
         return json_response({"model_path": path, "tokenizer_path": path, "served_model_name": state.model_name,
-                              "is_generation": True})
+                              "is_generation": True, "chat_template": tokenizer.chat_template or None,
+                              "bos_token": tokenizer.bos_token or None, "eos_token": tokenizer.eos_token or None})
 
     async def get_server_info(request: Request) -> Response:
         return json_response({**await asyncio.to_thread(engine.get_server_info), "version": __version__})
@@ -128,6 +131,22 @@ def native_routes(state: ServerState) -> list[Route]:
     async def metrics(request: Request) -> Response:
         return Response(await asyncio.to_thread(state.metrics.render), media_type=CONTENT_TYPE)
 
+    async def radix_tree(request: Request) -> Response:
+        return json_response(await asyncio.to_thread(engine.radix_tree))
+
+    async def concate_and_append_request(request: Request) -> Response:
+        # SGLang's frontend posts this on `join(mode="concate_and_append")`; the joined text
+        # comes with its next /generate (a cache hit there), so there is nothing to do but check.
+        body = Body(await read_json_object(request), ("src_rids", "dst_rid"),
+                    where="/concate_and_append_request request")
+        src = body.data.get("src_rids")
+        if not isinstance(src, list) or not src or not all(isinstance(r, str) and r for r in src):
+            raise APIError(400, f"`src_rids` must be a non-empty list of non-empty strings, got "
+                                f"{json.dumps(src)[:60]}", param="src_rids")
+        if not body.get("dst_rid", STR, required=True):
+            raise APIError(400, "`dst_rid` must be a non-empty string", param="dst_rid")
+        return json_response({"success": True})
+
     return [
         Route("/generate", generate, methods=["POST"]),
         # newer SGLang clients (0.5.x) call the names without `get_`; older ones the others
@@ -143,6 +162,8 @@ def native_routes(state: ServerState) -> list[Route]:
         Route("/close_session", close_session, methods=["POST"]),
         Route("/get_token_usage", get_token_usage, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/radix_tree", radix_tree, methods=["GET"]),
+        Route("/concate_and_append_request", concate_and_append_request, methods=["POST"]),
     ]
 
 
