@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from jaxserve.lang.executor import Executor
-from jaxserve.lang.params import run_defaults
+from jaxserve.lang.params import RUN_DEFAULTS, run_defaults
 from jaxserve.lang.state import ProgramState
 
 # A batch prefills the prefix its programs share when it is at least this long (characters).
@@ -53,7 +53,8 @@ class SglFunction:
         are the defaults of its `gen`s; the other keyword arguments are the program's. With
         `stream=True` it returns at once (read it with `text_iter`); otherwise it raises the
         first failure as a `ProgramError`."""
-        sampling = {k: kwargs.pop(k) for k in list(kwargs) if k in run_defaults()}
+        # Sampling defaults by name, unless the program has a parameter of that name.
+        sampling = {k: kwargs.pop(k) for k in list(kwargs) if k in RUN_DEFAULTS and k not in self.arg_names}
         state = self._start(resolve_backend(backend), args, kwargs, run_defaults(**sampling), stream)
         if stream:
             threading.Thread(target=self._execute, args=(state, args, kwargs), daemon=True).start()
