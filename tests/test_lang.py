@@ -6,6 +6,7 @@ own tokenization, programs run one by one, `jsonschema`."""
 import json
 import math
 
+import httpx
 import jsonschema
 import pytest
 
@@ -236,3 +237,22 @@ def test_sglang_examples_run_with_only_the_import_changed(backend):
     character = json.loads(ex.character_gen.run(name="Hermione Granger")["json_output"])
     jsonschema.validate(character, json.loads(CHARACTER_SCHEMA))
     assert not math.isnan(len(character["name"]))
+
+
+def test_openai_backend_runs_gen_only_programs(engine, server):
+    """`sgl.OpenAI` over our `/v1/completions`: the same greedy text as the in-process backend."""
+    ex = load_examples("jaxserve.lang")
+    model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+    oa = sgl.OpenAI(model, base_url=server.url + "/v1",
+                    chat_template=sgl.EngineBackend(engine).chat_template)
+    local = sgl.EngineBackend(engine)
+    kwargs = dict(question_1="What is the capital of France?", question_2="And of Italy?")
+    remote = ex.multi_turn_question.run(**kwargs, backend=oa)
+    assert remote.text() == ex.multi_turn_question.run(**kwargs, backend=local).text()
+    assert remote.get_meta_info("answer_2")["cached_tokens"] > 0
+    streamed = ex.few_shot_qa.run(question="What is the capital of Spain?", backend=oa, stream=True)
+    assert "".join(streamed.text_iter("answer")) == streamed["answer"] == " Madrid"
+    jsonschema.validate(json.loads(ex.character_gen.run(name="Ron Weasley", backend=oa)["json_output"]),
+                        json.loads(CHARACTER_SCHEMA))
+    with pytest.raises(sgl.ProgramError, match=r"select\('tool'.*OpenAI API"):
+        ex.tool_use.run(question="What is 3 times 4", backend=oa)

@@ -15,7 +15,7 @@ from jaxserve.lang.api import (
     assistant, assistant_begin, assistant_end, flush_cache, function, gen, gen_int, gen_string, get_server_info,
     select, set_default_backend, system, system_begin, system_end, user, user_begin, user_end,
 )
-from jaxserve.lang.backends import Backend, BackendError, EngineBackend, Runtime, RuntimeEndpoint
+from jaxserve.lang.backends import Backend, BackendError, EngineBackend, OpenAI, Runtime, RuntimeEndpoint
 from jaxserve.lang.chat_template import ChatTemplate, FixedChatTemplate, JinjaChatTemplate
 from jaxserve.lang.choices import (
     ChoicesDecision, ChoicesSamplingMethod, greedy_token_selection, token_length_normalized,
@@ -27,7 +27,7 @@ from jaxserve.lang.state import ProgramState, ProgramStateGroup
 
 __all__ = [
     "Backend", "BackendError", "ChatTemplate", "ChoicesDecision", "ChoicesSamplingMethod", "EngineBackend",
-    "FixedChatTemplate", "JinjaChatTemplate", "ProgramError", "ProgramState", "ProgramStateGroup", "Runtime",
+    "FixedChatTemplate", "JinjaChatTemplate", "OpenAI", "ProgramError", "ProgramState", "ProgramStateGroup", "Runtime",
     "RuntimeEndpoint", "SglFunction", "assistant", "assistant_begin", "assistant_end", "flush_cache",
     "function", "gen", "gen_int", "gen_string", "get_server_info", "greedy_token_selection", "select",
     "set_default_backend", "system", "system_begin", "system_end", "token_length_normalized",
