@@ -12,6 +12,7 @@ import pytest
     ("scripts/bench_host_overhead.py", "device-idle gap"),
     ("scripts/bench_prefill.py", "one long prompt tok/s"),
     ("scripts/bench_constrained.py", "constrained/unconstrained throughput ratio"),
+    ("scripts/bench_lang.py", "lang speed-up over raw calls"),
 ])
 def test_bench_quick(script, expect):
     out = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=600)
