@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["NODE_GID", "POOL_COLORS", "draw_radix_tree", "figure_dir", "plot_pool", "save_figure"]
 
 NODE_GID = "radix-node"  # the gid of every node label `draw_radix_tree` draws
-POOL_COLORS = {"locked": "#d62728", "evictable": "#2ca02c", "free": "#c7c7c7"}
+POOL_COLORS = {"private": "#ff7f0e", "locked": "#d62728", "evictable": "#2ca02c", "free": "#c7c7c7"}
 _ROOT_COLOR = "#9ecae1"
 
 
@@ -109,19 +109,23 @@ def _count(node: dict[str, Any]) -> int:
 def plot_pool(samples: list[dict[str, Any]], ax=None):
     """Stacked locked / evictable / free KV pages over time from samples of
     `Engine.get_server_info()` (dicts with `t`, `free_pages`, `evictable_pages`,
-    `locked_pages`). Returns the axes."""
+    `locked_pages`). Samples that also have `total_pages` get a fourth band below the
+    others: the pages private to running requests (not yet in the tree). Returns the axes."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 3))
     t = [s["t"] for s in samples]
     kinds = ("locked", "evictable", "free")
-    ax.stackplot(t, *[[s[f"{k}_pages"] for s in samples] for k in kinds], labels=kinds,
-                 colors=[POOL_COLORS[k] for k in kinds], step="post")
+    bands = [[s[f"{k}_pages"] for s in samples] for k in kinds]
+    if samples and all("total_pages" in s for s in samples):
+        kinds = ("private", *kinds)
+        bands.insert(0, [s["total_pages"] - sum(b[i] for b in bands) for i, s in enumerate(samples)])
+    ax.stackplot(t, *bands, labels=kinds, colors=[POOL_COLORS[k] for k in kinds], step="post")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("KV pages")
     ax.set_xlim(t[0] if t else 0, t[-1] if t else 1)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # the stacks fill the plot
     return ax
 
 

@@ -257,9 +257,10 @@ def test_drawings_show_every_node_up_to_the_limit(server, http):
         plt.close(fig)
     samples = [{"t": 0.1 * i, "free_pages": 10 - i, "evictable_pages": i // 2, "locked_pages": i - i // 2}
                for i in range(10)]
-    fig, ax = plt.subplots()
-    plot_pool(samples, ax=ax)
-    assert len(ax.collections) == 3  # locked, evictable, free
-    top = ax.collections[-1].get_paths()[0].vertices[:, 1].max()
-    assert top == 10  # the three stacks add up to the pool
-    plt.close(fig)
+    for extra, bands in (({}, 3), ({"total_pages": 12}, 4)):  # with the total: private pages too
+        fig, ax = plt.subplots()
+        plot_pool([{**s, **extra} for s in samples], ax=ax)
+        assert len(ax.collections) == bands  # [private,] locked, evictable, free
+        top = ax.collections[-1].get_paths()[0].vertices[:, 1].max()
+        assert top == extra.get("total_pages", 10)  # the stacks add up to the pool
+        plt.close(fig)
