@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -25,18 +27,15 @@
 
 # %%
 import json
-import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 
 import jaxserve
 import jaxserve.lang as sgl
-from jaxserve.viz import draw_radix_tree
+from jaxserve.viz import draw_radix_tree, save_figure
 
-FIGURES = Path(os.environ.get("JAXSERVE_NOTEBOOK_FIGURES", "figures"))
-FIGURES.mkdir(parents=True, exist_ok=True)
-engine = jaxserve.Engine(max_running_requests=16, context_length=1024, max_total_tokens=16384)
+engine = jaxserve.Engine(max_running_requests=16, max_prefill_tokens=128, chunked_prefill_size=128, context_length=1024,
+                         max_total_tokens=16384)
 sgl.set_default_backend(sgl.EngineBackend(engine))
 steps = []  # (step, prompt tokens, cached tokens) for the plot at the end
 
@@ -160,13 +159,13 @@ ax.invert_yaxis()
 ax.set_xlabel("tokens")
 ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
 fig.tight_layout()
-fig.savefig(FIGURES / "lang_tour_cached_tokens.png", dpi=100)
+save_figure(fig, "lang_tour_cached_tokens")
 plt.show()
 
 # %%
 fig, ax = plt.subplots(figsize=(10, 5))
 draw_radix_tree(engine.radix_tree(), ax=ax)
-fig.savefig(FIGURES / "lang_tour_radix_tree.png", dpi=100)
+save_figure(fig, "lang_tour_radix_tree")
 plt.show()
 
 # %%

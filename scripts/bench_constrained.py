@@ -318,10 +318,9 @@ def main(argv=None) -> None:
         args.max_prefill_tokens = args.chunked_prefill_size = 64
         args.same_engine = True
         if model_path is None:
-            from bench_host_overhead import write_tiny_model  # scripts/ is on the path when run as a script
+            from bench_host_overhead import tiny_model  # scripts/ is on the path when run as a script
 
-            model_path = str(Path(tmp.name) / "tiny")
-            write_tiny_model(Path(model_path), 49152)
+            model_path = tiny_model(tmp.name)
     cache_dir = str(Path(tmp.name) / "jax-cache")  # a second engine compiles nothing
     order_params = [{"temperature": 0, "max_new_tokens": args.max_new_tokens + 40, "json_schema": ORDER_SCHEMA}]
 

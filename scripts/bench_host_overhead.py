@@ -30,6 +30,13 @@ from pathlib import Path
 import numpy as np
 
 
+def tiny_model(folder: str) -> str:
+    """A random 2-layer Llama written into `folder`/tiny: what `--quick` runs use."""
+    path = Path(folder) / "tiny"
+    write_tiny_model(path, 49152)
+    return str(path)
+
+
 def write_tiny_model(path: Path, vocab: int, seed: int = 0) -> None:
     """A random 2-layer Llama as config.json + model.safetensors, and the bundled tokenizer."""
     hidden, inter, layers, heads, kv_heads = 64, 128, 2, 4, 2

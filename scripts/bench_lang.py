@@ -2,7 +2,8 @@
 
     python scripts/bench_lang.py --shots 24 --batch 64 --repeats 3
 
-Two workloads on one engine (SmolLM2 unless `--model-path`), the radix cache flushed
+Two workloads on one engine (SmolLM2 unless `--model-path`; `--quick`: a tiny random
+model, to check the script works), the radix cache flushed
 before every measured run:
 - **branching**: a long shared context, `fork(4)`, three `gen`s in each branch;
 - **few-shot batch**: `run_batch` of `--batch` programs behind one few-shot prompt.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import threading
 import time
 
@@ -99,14 +101,21 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     args = parser.parse_args(argv)
-    if args.quick:
+    tmp = tempfile.TemporaryDirectory()
+    knobs = dict(context_length=2048, max_running_requests=max(args.batch, 8))
+    if args.quick:  # a tiny random model and small shapes: it only checks the script works
         args.shots, args.batch, args.gen_tokens, args.repeats = 4, 4, 2, 1
+        knobs = dict(context_length=512, max_running_requests=8, max_prefill_tokens=128, chunked_prefill_size=128)
+        if args.model_path is None:
+            from bench_host_overhead import tiny_model  # scripts/ is on the path when run as a script
+
+            args.model_path = tiny_model(tmp.name)
 
     import jaxserve
     import jaxserve.lang as sgl
     from jaxserve.server import ServerThread
 
-    engine = jaxserve.Engine(args.model_path, context_length=2048, max_running_requests=max(args.batch, 8))
+    engine = jaxserve.Engine(args.model_path, **knobs)
     server = ServerThread(engine)
     client = httpx.Client(base_url=server.url, timeout=None, limits=httpx.Limits(max_connections=256))
     branching, few_shot, context, examples = build_programs(sgl, args.shots, args.gen_tokens)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -82,8 +83,15 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     args = parser.parse_args(argv)
-    if args.quick:
+    tmp = tempfile.TemporaryDirectory()
+    if args.quick:  # a tiny random model and small shapes: it only checks the script works
         args.num_prompts, args.min_input, args.max_input, args.output_len = 4, 8, 24, 4
+        args.max_running_requests, args.max_prefill_tokens, args.chunked_prefill_size = 4, 64, 64
+        args.context_length = args.context_length or 256
+        if args.model_path is None:
+            from bench_host_overhead import tiny_model  # scripts/ is on the path when run as a script
+
+            args.model_path = tiny_model(tmp.name)
     prompts = random_prompts(args.num_prompts, args.min_input, args.max_input, 49152, args.seed)
     tokens_in = sum(len(p) for p in prompts)
     tokens_out = args.num_prompts * args.output_len

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -38,6 +40,7 @@ def run(disable_radix_cache: bool, system, questions, args) -> tuple[float, list
     engine = jaxserve.Engine(args.model_path, disable_radix_cache=disable_radix_cache,
                              max_running_requests=args.max_running_requests, max_prefill_tokens=args.max_prefill_tokens,
                              chunked_prefill_size=args.chunked_prefill_size,
+                             compilation_cache_dir=args.compilation_cache_dir,
                              context_length=len(system) + args.question_len + args.output_len + 16)
     try:
         engine.generate(input_ids=system + questions[0], sampling_params={"max_new_tokens": 1})  # warm the prefix
@@ -59,8 +62,15 @@ def main(argv=None) -> None:
     parser.add_argument("--chunked-prefill-size", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     args = parser.parse_args(argv)
-    if args.quick:
+    tmp = tempfile.TemporaryDirectory()
+    args.compilation_cache_dir = str(Path(tmp.name) / "jax-cache")  # the second engine compiles nothing
+    if args.quick:  # a tiny random model and small shapes: it only checks the script works
         args.num_requests, args.system_len, args.question_len, args.output_len = 4, 64, 8, 2
+        args.max_running_requests, args.max_prefill_tokens, args.chunked_prefill_size = 4, 64, 64
+        if args.model_path is None:
+            from bench_host_overhead import tiny_model  # scripts/ is on the path when run as a script
+
+            args.model_path = tiny_model(tmp.name)
     rng = np.random.default_rng(0)
     system = rng.integers(100, 49152, size=args.system_len).tolist()
     questions = [rng.integers(100, 49152, size=args.question_len).tolist() for _ in range(args.num_requests)]

@@ -21,13 +21,11 @@ import numpy as np
 import pytest
 import regex as regex_module
 
-import jaxserve
 from jaxserve.errors import InvalidRequestError
 from jaxserve.models.batch import ForwardBatch
 from tests.constrained_cases import (LONG_KEYS, ARITH_LARK, CHOICES, CUT_LENGTH, CUT_STOP, GRAMMARS, N_BRANCHES,
                                      REGEXES, SCHEMAS, SQL_LARK, STOP_CASES)
 
-ENGINE_ARGS = dict(max_running_requests=32, max_prefill_tokens=512, chunked_prefill_size=512, context_length=1024)
 SEEDS = (1, 2, 3)
 SAMPLED = [{"temperature": 1.0, "sampling_seed": s} for s in SEEDS]
 GREEDY = {"temperature": 0}
@@ -73,10 +71,8 @@ def build_requests(engine):
 
 
 @pytest.fixture(scope="module")
-def engine():
-    e = jaxserve.Engine(**ENGINE_ARGS)
-    yield e
-    e.shutdown()
+def engine(smollm2_engine):
+    return smollm2_engine  # shared by the modules on the real model (conftest.py)
 
 
 @pytest.fixture(scope="module")

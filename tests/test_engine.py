@@ -83,20 +83,23 @@ def test_radix_cache_on_equals_off_and_reports_hits(tiny_dir, engine, prompts, a
         off.shutdown()
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])
-def test_chunking_lpm_and_tensor_parallel_equal_alone(tiny_dir, engine, prompts, alone, overlap):
-    for kw in ({"chunked_prefill_size": 8}, {"chunked_prefill_size": -1},
-               {"schedule_policy": "lpm", "max_running_requests": 4}, {"tp_size": 2}):
-        e = make_engine(tiny_dir, disable_overlap_schedule=not overlap, **kw)
-        try:
-            assert greedy_outputs(e, prompts) == alone, kw
-            assert_idle_accounting(e)
-            if "tp_size" in kw:  # the pool is sized from what one device holds: half the KV heads
-                assert e.pool.kv_bytes_per_token * 2 == engine.pool.kv_bytes_per_token
-                assert e.pool.weights_bytes < engine.pool.weights_bytes
-                assert e.pool.max_total_tokens >= engine.pool.max_total_tokens
-        finally:
-            e.shutdown()
+# Each setting once (an engine costs ~20 s to build here); the overlap loop gets the ones
+# that stress it (tiny chunks, reordering, sharding), the synchronous loop runs in every other test.
+@pytest.mark.parametrize("overlap,kw", [
+    (True, {"chunked_prefill_size": 8}), (False, {"chunked_prefill_size": -1}),
+    (True, {"schedule_policy": "lpm", "max_running_requests": 4}), (True, {"tp_size": 2}),
+], ids=["overlap-chunk8", "sync-unchunked", "overlap-lpm", "overlap-tp2"])
+def test_chunking_lpm_and_tensor_parallel_equal_alone(tiny_dir, engine, prompts, alone, overlap, kw):
+    e = make_engine(tiny_dir, disable_overlap_schedule=not overlap, **kw)
+    try:
+        assert greedy_outputs(e, prompts) == alone, kw
+        assert_idle_accounting(e)
+        if "tp_size" in kw:  # the pool is sized from what one device holds: half the KV heads
+            assert e.pool.kv_bytes_per_token * 2 == engine.pool.kv_bytes_per_token
+            assert e.pool.weights_bytes < engine.pool.weights_bytes
+            assert e.pool.max_total_tokens >= engine.pool.max_total_tokens
+    finally:
+        e.shutdown()
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])

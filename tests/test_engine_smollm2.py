@@ -2,7 +2,6 @@
 
 import pytest
 
-import jaxserve
 
 QUESTIONS = {
     "What is the capital of France?": "Paris",
@@ -13,10 +12,8 @@ QUESTIONS = {
 
 
 @pytest.fixture(scope="module")
-def engine():
-    e = jaxserve.Engine(max_running_requests=8, max_prefill_tokens=256, chunked_prefill_size=64, context_length=512)
-    yield e
-    e.shutdown()
+def engine(smollm2_engine):
+    return smollm2_engine  # shared by the modules on the real model (conftest.py)
 
 
 def chat(engine, question):

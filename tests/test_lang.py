@@ -10,7 +10,6 @@ import httpx
 import jsonschema
 import pytest
 
-import jaxserve
 import jaxserve.lang as sgl
 from jaxserve.server import ServerThread
 from tests.lang_examples import CHARACTER_SCHEMA, load_examples
@@ -19,11 +18,8 @@ GREEDY = dict(temperature=0)
 
 
 @pytest.fixture(scope="module")
-def engine():
-    e = jaxserve.Engine(max_running_requests=32, max_prefill_tokens=512, chunked_prefill_size=256,
-                        context_length=1024, max_total_tokens=32768)
-    yield e
-    e.shutdown()
+def engine(smollm2_engine):
+    return smollm2_engine  # shared by the modules on the real model (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +252,66 @@ def test_openai_backend_runs_gen_only_programs(engine, server):
                         json.loads(CHARACTER_SCHEMA))
     with pytest.raises(sgl.ProgramError, match=r"select\('tool'.*OpenAI API"):
         ex.tool_use.run(question="What is 3 times 4", backend=oa)
+
+
+def test_gen_arguments_reach_the_server_as_sglang_sends_them(backend, engine):
+    """Each gen equals a direct `/generate` of the same text with SGLang's field names."""
+    cases = [
+        (dict(max_tokens=6, min_tokens=4, stop=["."], temperature=0), {"max_new_tokens": 6, "min_new_tokens": 4,
+                                                                       "stop": ["."], "temperature": 0}),
+        (dict(max_tokens=6, stop_regex=r"[0-9]", top_k=5, min_p=0.1, temperature=0),
+         {"max_new_tokens": 6, "stop_regex": r"[0-9]", "top_k": 5, "min_p": 0.1, "temperature": 0}),
+        (dict(max_tokens=5, frequency_penalty=1.5, presence_penalty=0.5, ignore_eos=True, temperature=0),
+         {"max_new_tokens": 5, "frequency_penalty": 1.5, "presence_penalty": 0.5, "ignore_eos": True,
+          "temperature": 0}),
+    ]
+    prompt = "List three animals and their numbers of legs:"
+    for gen_args, sampling in cases:
+        @sgl.function
+        def one(s):
+            s += prompt + sgl.gen("out", **gen_args)
+        assert one.run()["out"] == engine.generate(prompt, sampling)["text"], gen_args
+
+    @sgl.function
+    def detailed(s):
+        s += prompt + sgl.gen("pair", n=2, max_tokens=4, temperature=0)
+        s += sgl.gen("lp", max_tokens=3, temperature=0, return_logprob=True, top_logprobs_num=2,
+                     return_text_in_logprobs=True, logprob_start_len=0)
+        s += " Weight: " + sgl.gen("w", dtype=float, max_tokens=6) + " Name: " + sgl.gen_string("name", max_tokens=12)
+
+    state = detailed.run(temperature=0)
+    assert isinstance(state["pair"], list) and len(state["pair"]) == 2 and state["pair"][0] == state["pair"][1]
+    meta = state.get_meta_info("lp")
+    assert len(meta["output_token_logprobs"]) == 3 and all(len(t) == 2 for t in meta["output_top_logprobs"])
+    assert len(meta["input_token_logprobs"]) == meta["prompt_tokens"]
+    assert isinstance(state["w"], float) and isinstance(state["name"], str)
+    assert state.text().endswith(f'Name: "{state["name"]}"')
+
+
+def test_run_batch_prefills_the_traced_prefix(backend, engine):
+    few_shot = "".join(f"Q: What is {i} plus {i}?\nA: {2 * i}\n" for i in range(1, 9))
+
+    @sgl.function
+    def adder(s, a, b):
+        s += few_shot
+        s += f"Q: What is {a} plus {b}?\nA:" + sgl.gen("sum", max_tokens=3, stop="\n", temperature=0)
+
+    assert adder.cache() == few_shot + "Q: What is "  # the text before the first argument's value
+    sgl.flush_cache()
+    states = adder.run_batch([(a, b) for a in range(3) for b in range(2)])
+    prefix_tokens = len(engine.tokenizer.encode(few_shot))
+    assert all(s.get_meta_info("sum")["cached_tokens"] >= prefix_tokens // 16 * 16 for s in states)
+    assert all(s.error() is None and s.text().startswith(few_shot + "Q: What is ") for s in states)
+
+
+def test_chat_template_from_jinja_with_fallback():
+    """No engine: role text comes from the template; a template that refuses falls back."""
+    source = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+              "[{{ m['role'] }}]{{ m['content'] }}[/]{% endfor %}")
+    fallback = sgl.FixedChatTemplate("x", {"system": ("<s>", "</s>")})
+    template = sgl.JinjaChatTemplate(source, fallback=fallback)
+    assert template.prefix_and_suffix("user", []) == ("[user]", "[/]")
+    assert template.prefix_and_suffix("assistant", [{"role": "user", "content": "hi"}]) == ("[assistant]", "[/]")
+    assert template.prefix_and_suffix("system", []) == ("<s>", "</s>")
+    with pytest.raises(ValueError, match="no role 'tool'"):
+        fallback.prefix_and_suffix("tool", [])

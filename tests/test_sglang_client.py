@@ -319,3 +319,19 @@ def test_roles_follow_the_chat_template(server, http):
     assert state["answer"] == reply
     assert state.text() == prompt + reply + "<|im_end|>\n"
     assert state.messages() == messages + [{"role": "assistant", "content": reply.lstrip()}]
+
+
+def test_profile_routes(backend, http, tmp_path):
+    """The client's start_profile / stop_profile (GET, no body) succeed; with an output_dir the
+    trace of the requests in between is written there; out-of-order calls are 400s."""
+    backend.start_profile()
+    ok(complete.run(prompt="Profile me"))
+    backend.stop_profile()
+    assert http.post("/start_profile", json={"output_dir": str(tmp_path)}).json()["output_dir"] == str(tmp_path)
+    assert http.post("/start_profile").status_code == 400  # already running
+    generate(http, "Profile me too", max_new_tokens=2)
+    assert http.post("/stop_profile").json()["success"] is True
+    assert list(tmp_path.rglob("*.xplane.pb"))
+    r = http.post("/stop_profile")
+    assert r.status_code == 400 and "no profile is running" in r.json()["error"]["message"]
+    assert http.post("/start_profile", json={"num_steps": 5}).status_code == 400

@@ -20,6 +20,7 @@ from jaxserve.config import ServerArgs
 from jaxserve.constrained import GrammarCompiler
 from jaxserve.engine.build import build
 from jaxserve.engine.fanout import Fanout
+from jaxserve.engine.profiler import Profiler
 from jaxserve.engine.inputs import GenerateInput, LogprobOptions, check_input, split_prompts
 from jaxserve.engine.responses import ResponseBuilder
 from jaxserve.engine.sessions import Sessions
@@ -43,6 +44,7 @@ class Engine:
         self.sessions = Sessions(self.scheduler, self.args.session_timeout)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size,
                                         json_whitespace=self.args.constrained_json_whitespace_pattern)
+        self.profiler = Profiler()  # /start_profile, /stop_profile
         self._seeds = itertools.count(self.args.random_seed * 1_000_003 + 1)
         self._active: dict[str, Fanout] = {}  # by the client's rid
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from jaxserve.lang.executor import Executor
 from jaxserve.lang.params import RUN_DEFAULTS, run_defaults

@@ -147,6 +147,19 @@ def native_routes(state: ServerState) -> list[Route]:
             raise APIError(400, "`dst_rid` must be a non-empty string", param="dst_rid")
         return json_response({"success": True})
 
+    async def start_profile(request: Request) -> Response:
+        # SGLang's client sends no body; SGLang's server also takes activities / num_steps.
+        body = Body(await read_json_object(request, allow_empty=True), ("output_dir",),
+                    ignored=("activities",), unsupported=("num_steps", "profile_by_stage", "with_stack",
+                                                          "record_shapes", "profile_id", "merge_profiles"),
+                    where="/start_profile request")
+        path = await asyncio.to_thread(engine.profiler.start, body.get("output_dir", STR))
+        return json_response({"success": True, "message": f"profiling into {path}", "output_dir": path})
+
+    async def stop_profile(request: Request) -> Response:
+        path = await asyncio.to_thread(engine.profiler.stop)
+        return json_response({"success": True, "message": f"profile written to {path}", "output_dir": path})
+
     return [
         Route("/generate", generate, methods=["POST"]),
         # newer SGLang clients (0.5.x) call the names without `get_`; older ones the others
@@ -164,6 +177,8 @@ def native_routes(state: ServerState) -> list[Route]:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/radix_tree", radix_tree, methods=["GET"]),
         Route("/concate_and_append_request", concate_and_append_request, methods=["POST"]),
+        Route("/start_profile", start_profile, methods=["GET", "POST"]),
+        Route("/stop_profile", stop_profile, methods=["GET", "POST"]),
     ]
 
 
