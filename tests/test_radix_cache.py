@@ -13,7 +13,7 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from jaxserve.memory import NoRadixCache, PageAllocator, RadixCache
+from jaxserve.memory import NoRadixCache, PageAllocator, RadixCache, export_tree, pretty_tree
 
 # ---------------------------------------------------------------- stateful model test
 
@@ -217,7 +217,7 @@ class RadixModelMachine(RuleBasedStateMachine):
         assert len(set(cached + owned)) == len(cached) + len(owned)
         assert not self.alloc.is_free(np.array(cached + owned, dtype=np.int64)).any()
         assert (c.hit_tokens, c.miss_tokens) == (self.hit, self.miss)
-        assert sum(row.num_pages for row in c.export()) == len(cached)
+        assert sum(row.num_pages for row in export_tree(c)) == len(cached)
 
     def teardown(self):
         for req in self.running:
@@ -359,7 +359,7 @@ def test_export_and_pretty_describe_the_tree():
     put(cache, [1, 1, 4, 4])
     _, node = cache.match_prefix([1, 1, 4, 4])
     cache.lock(node)
-    rows = cache.export(head=2)
+    rows = export_tree(cache, head=2)
     assert rows[0].parent_id is None and rows[0].num_tokens == 0
     by_id = {r.id: r for r in rows}
     shape = sorted((r.start_token, r.num_tokens, r.num_pages, r.head_tokens, r.lock_ref)
@@ -368,11 +368,11 @@ def test_export_and_pretty_describe_the_tree():
     for r in rows[1:]:
         parent = by_id[r.parent_id]
         assert r.start_token == parent.start_token + parent.num_tokens
-    text = cache.pretty()
+    text = pretty_tree(cache)
     assert text.splitlines()[0].startswith("root: ")
     assert "[4, 4] 2 tok, 1 pg" in text and "locked x1" in text
     assert len(text.splitlines()) == 4
-    assert cache.pretty(max_nodes=1).endswith("... 2 more nodes")
+    assert pretty_tree(cache, max_nodes=1).endswith("... 2 more nodes")
 
 
 def test_disabled_cache_never_matches_and_hands_every_page_back():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jaxserve
-from jaxserve.memory import PageAllocator, RadixCache
+from jaxserve.memory import PageAllocator, RadixCache, export_tree, pretty_tree
 from tests.server_harness import ENGINE_ARGS, compilation_cache_dir, running_server, tiny_model_dir
 
 API_KEY = "inspect-key"
@@ -80,7 +80,7 @@ def test_hits_count_the_matches_that_reach_each_node():
             own = cache.allocator.alloc(len(tokens) // 2)
             present = cache.insert(tokens, own)
             cache.allocator.free(own[: present // 2])  # duplicates of what was cached
-    rows = cache.export(head=1000)
+    rows = export_tree(cache, head=1000)
     by_id = {r.id: r for r in rows}
     paths = {rows[0].id: ()}
     assert rows[0].hits == len(matched)  # the root counts every lookup
@@ -88,7 +88,7 @@ def test_hits_count_the_matches_that_reach_each_node():
         paths[row.id] = path = paths[row.parent_id] + row.head_tokens
         assert row.hits == sum(m[: len(path)] == path for m in matched), (path, by_id[row.id])
     assert any(r.hits > 1 for r in rows[1:])
-    assert "hits" in cache.pretty()
+    assert "hits" in pretty_tree(cache)
 
 
 # ---------------------------------------------------------------- engine and server

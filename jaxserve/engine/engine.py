@@ -20,11 +20,12 @@ from jaxserve.config import ServerArgs
 from jaxserve.constrained import GrammarCompiler
 from jaxserve.engine.build import build
 from jaxserve.engine.fanout import Fanout
-from jaxserve.engine.profiler import Profiler
 from jaxserve.engine.inputs import GenerateInput, LogprobOptions, check_input, split_prompts
+from jaxserve.engine.profiler import Profiler
 from jaxserve.engine.responses import ResponseBuilder
 from jaxserve.engine.sessions import Sessions
 from jaxserve.errors import EngineUnavailableError, InvalidRequestError
+from jaxserve.memory import export_tree
 from jaxserve.runner import compile_count
 from jaxserve.sampling import SamplingParams
 from jaxserve.scheduler import RequestOutput
@@ -207,7 +208,7 @@ class Engine:
         def snapshot():
             counts = {name: getattr(cache, name) for name in ("total_pages", "free_pages", "evictable_pages",
                                                               "locked_pages")}
-            return counts, cache.export(head)
+            return counts, export_tree(cache, head)
 
         counts, rows = self.scheduler.call(snapshot)
         nodes: dict[int, dict[str, Any]] = {}

@@ -1,7 +1,8 @@
 """KV memory on the host side: page free list, radix prefix cache, pool sizing."""
 
 from jaxserve.memory.allocator import OutOfPagesError, PageAllocator, PageFreeError
-from jaxserve.memory.radix_cache import NodeInfo, NoRadixCache, RadixCache, RadixNode, token_key
+from jaxserve.memory.radix_cache import NoRadixCache, RadixCache, RadixNode, token_key
+from jaxserve.memory.radix_view import NodeInfo, export_tree, pretty_tree
 from jaxserve.memory.sizing import (
     KVPoolSize,
     KVPoolSizeError,
@@ -14,6 +15,8 @@ __all__ = [
     "KVPoolSizeError",
     "NoRadixCache",
     "NodeInfo",
+    "export_tree",
+    "pretty_tree",
     "OutOfPagesError",
     "PageAllocator",
     "PageFreeError",

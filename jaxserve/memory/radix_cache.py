@@ -43,13 +43,12 @@ import heapq
 import itertools
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from jaxserve.memory.allocator import PageAllocator
 
-__all__ = ["NoRadixCache", "NodeInfo", "RadixCache", "RadixNode", "token_key"]
+__all__ = ["NoRadixCache", "RadixCache", "RadixNode", "token_key"]
 
 _TOKEN_BYTES = 4  # keys are int32 token ids
 _EMPTY_PAGES = np.zeros(0, dtype=np.int32)
@@ -84,21 +83,6 @@ class RadixNode:
 
     def __repr__(self) -> str:
         return f"RadixNode(id={self.id}, pages={len(self.pages)}, lock_ref={self.lock_ref})"
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """A row of :meth:`RadixCache.export`: one node, for printing and plotting."""
-
-    id: int
-    parent_id: int | None  # None for the root
-    start_token: int  # tokens from the root to the start of this edge
-    num_tokens: int
-    num_pages: int
-    lock_ref: int
-    last_access: int
-    head_tokens: tuple[int, ...]  # the first few tokens of the edge
-    hits: int  # match_prefix calls that matched into this node (the root: every call)
 
 
 class RadixCache:
@@ -382,49 +366,10 @@ class RadixCache:
                  "locked_pages", "total_pages", "num_nodes")
         return {name: getattr(self, name) for name in names}
 
-    # ----------------------------------------------------------------- inspection
-
-    def export(self, head: int = 8) -> list[NodeInfo]:
-        """All nodes, the root first, in depth-first order (children by id), with the
-        first ``head`` tokens of each edge."""
-        rows: list[NodeInfo] = []
-        stack: list[tuple[RadixNode, int]] = [(self._root, 0)]
-        while stack:
-            node, start = stack.pop()
-            num_tokens = len(node.key) // _TOKEN_BYTES
-            rows.append(NodeInfo(
-                id=node.id,
-                parent_id=node.parent.id if node.parent is not None else None,
-                start_token=start,
-                num_tokens=num_tokens,
-                num_pages=len(node.pages),
-                lock_ref=node.lock_ref,
-                last_access=node.last_access,
-                head_tokens=tuple(np.frombuffer(node.key[: head * _TOKEN_BYTES], np.int32).tolist()),
-                hits=node.hits,
-            ))
-            children = sorted(node.children.values(), key=lambda c: c.id, reverse=True)
-            stack.extend((c, start + num_tokens) for c in children)
-        return rows
-
-    def pretty(self, max_nodes: int = 200) -> str:
-        """Text rendering of the tree, one node per line, at most ``max_nodes`` nodes."""
-        rows = self.export()
-        depth = {rows[0].id: 0}
-        lines = [
-            f"root: {self.free_pages} free + {self.evictable_pages} evictable + "
-            f"{self.locked_pages} locked of {self.total_pages} pages (page_size {self.page_size})"
-        ]
-        for row in rows[1 : max_nodes + 1]:
-            d = depth[row.id] = depth[row.parent_id] + 1  # type: ignore[index]
-            head = ", ".join(map(str, row.head_tokens))
-            more = ", ..." if row.num_tokens > len(row.head_tokens) else ""
-            lock = f" locked x{row.lock_ref}" if row.lock_ref else ""
-            lines.append(f"{'  ' * d}#{row.id} [{head}{more}] {row.num_tokens} tok, "
-                         f"{row.num_pages} pg, {row.hits} hits, t={row.last_access}{lock}")
-        if len(rows) - 1 > max_nodes:
-            lines.append(f"... {len(rows) - 1 - max_nodes} more nodes")
-        return "\n".join(lines)
+    @property
+    def root(self) -> RadixNode:
+        """The root node (for inspection: `radix_view.py`)."""
+        return self._root
 
 
 class NoRadixCache(RadixCache):
