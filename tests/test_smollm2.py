@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from jaxserve.weights import load
 from jaxserve.weights.gguf_file import BUNDLED_GGUF, bundled_model_path
 
 
@@ -17,8 +16,10 @@ def hf_model():
 
 
 @pytest.fixture(scope="module")
-def ours():
-    return load(None, dtype="float32")
+def ours(smollm2_engine):
+    model = smollm2_engine.model  # the shared engine's loaded model; `logits` uses its own KV cache
+    assert np.dtype(model.dtype) == np.float32
+    return model
 
 
 def test_config_from_gguf(ours):
