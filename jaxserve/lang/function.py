@@ -54,7 +54,7 @@ class SglFunction:
         first failure as a `ProgramError`."""
         # Sampling defaults by name, unless the program has a parameter of that name.
         sampling = {k: kwargs.pop(k) for k in list(kwargs) if k in RUN_DEFAULTS and k not in self.arg_names}
-        state = self._start(resolve_backend(backend), args, kwargs, run_defaults(**sampling), stream)
+        state = ProgramState(Executor(resolve_backend(backend), run_defaults(**sampling), stream))
         if stream:
             threading.Thread(target=self._execute, args=(state, args, kwargs), daemon=True).start()
             return state
@@ -79,7 +79,7 @@ class SglFunction:
         bar = _progress(len(batch)) if progress_bar else None
 
         def one(kwargs: dict) -> ProgramState:
-            state = self._start(backend, (), kwargs, defaults_, False)
+            state = ProgramState(Executor(backend, defaults_))
             self._execute(state, (), kwargs)
             state.sync()
             if bar is not None:
@@ -109,9 +109,6 @@ class SglFunction:
         return prefix
 
     # ---- internals ----
-
-    def _start(self, backend, args, kwargs, defaults_, stream) -> ProgramState:
-        return ProgramState(Executor(backend, defaults_, stream))
 
     def _execute(self, state: ProgramState, args, kwargs) -> None:
         try:
