@@ -46,6 +46,16 @@ class ServerArgs:
     # and the whitespace JSON may have between tokens (None: compact, `{"a": 1, "b": 2}`).
     disable_jump_forward: bool = False
     constrained_json_whitespace_pattern: str | None = None
+    # Hierarchical KV cache (memory/hicache.py): evicted prefixes kept in host memory (L2)
+    # and on storage (L3), loaded back instead of recomputed.
+    enable_hierarchical_cache: bool = False
+    hicache_ratio: float = 2.0  # host pool size as a multiple of the device pool
+    hicache_size: float | None = None  # host pool size in GB (instead of the ratio)
+    hicache_write_policy: str = "write_through"  # write_through | write_through_selective | write_back
+    hicache_storage_backend: str | None = None  # file
+    hicache_storage_dir: str | None = None
+    hicache_storage_prefetch_policy: str = "best_effort"  # best_effort | wait_complete | timeout
+    hicache_storage_prefetch_timeout: float = 2.0  # seconds admission waits, with the timeout policy
     compilation_cache_dir: str | None = None
     chat_template: str | None = None
     random_seed: int = 0
@@ -78,6 +88,27 @@ class ServerArgs:
         need(self.attention_backend in ("auto", "reference", "pallas", "triton", "tpu"),
              f"--attention-backend must be auto, reference, pallas, triton or tpu, got {self.attention_backend!r}")
         need(self.context_length is None or self.context_length >= 2, "--context-length must be >= 2")
+        self._validate_hicache(need)
+
+    def _validate_hicache(self, need) -> None:
+        need(self.hicache_ratio >= 1.0, f"--hicache-ratio must be >= 1 (the host pool is at least as large as the "
+             f"device pool), got {self.hicache_ratio}")
+        need(self.hicache_size is None or self.hicache_size > 0, "--hicache-size must be > 0 GB")
+        need(self.hicache_write_policy in ("write_through", "write_through_selective", "write_back"),
+             "--hicache-write-policy must be write_through, write_through_selective or write_back, "
+             f"got {self.hicache_write_policy!r}")
+        need(self.hicache_storage_prefetch_policy in ("best_effort", "wait_complete", "timeout"),
+             "--hicache-storage-prefetch-policy must be best_effort, wait_complete or timeout, "
+             f"got {self.hicache_storage_prefetch_policy!r}")
+        need(self.hicache_storage_prefetch_timeout >= 0, "--hicache-storage-prefetch-timeout must be >= 0")
+        need(self.hicache_storage_backend in (None, "file"),
+             f"--hicache-storage-backend must be file, got {self.hicache_storage_backend!r}")
+        need(self.hicache_storage_backend is None or self.enable_hierarchical_cache,
+             "--hicache-storage-backend needs --enable-hierarchical-cache")
+        need(self.hicache_storage_backend is None or bool(self.hicache_storage_dir),
+             "--hicache-storage-backend file needs --hicache-storage-dir")
+        need(not (self.enable_hierarchical_cache and self.disable_radix_cache),
+             "--enable-hierarchical-cache needs the radix cache; drop --disable-radix-cache")
 
     def with_backend_defaults(self, backend: str) -> "ServerArgs":
         """A copy with every per-backend default (None) filled in for `backend`."""

@@ -10,8 +10,9 @@ import numpy as np
 
 from jaxserve import sharding
 from jaxserve.config import ServerArgs
-from jaxserve.memory import KVPoolSize, NoRadixCache, PageAllocator, RadixCache, size_kv_pool
-from jaxserve.runner import ModelRunner, compile_count
+from jaxserve.memory import (FileStorage, HiCache, HiRadixCache, HostKVPool, KVPoolSize, NoRadixCache, PageAllocator,
+                             RadixCache, host_pool_pages, size_kv_pool, storage_namespace)
+from jaxserve.runner import ModelRunner, PageIO, compile_count
 from jaxserve.scheduler import Scheduler
 from jaxserve.weights import LoadedModel, load
 
@@ -53,14 +54,49 @@ def build(args: ServerArgs) -> Parts:
                         context_length=context_length)
     logger.info(pool.log_line())
     allocator = PageAllocator(pool.num_pages)
-    cache = (NoRadixCache if args.disable_radix_cache else RadixCache)(allocator, args.page_size)
     chunked = args.chunked_prefill_size != -1
     max_step_tokens = args.max_prefill_tokens if chunked else max(args.max_prefill_tokens, context_length)
     chunk = min(args.chunked_prefill_size if chunked else context_length, max_step_tokens)
     runner = ModelRunner(model, pool.num_pages, args.max_running_requests, max_step_tokens, context_length)
     runner.warmup()
+    hicache = None
+    if args.enable_hierarchical_cache:
+        hicache = build_hicache(args, model, runner, allocator, pool.num_pages - 1, max_step_tokens)
+        cache = hicache.cache
+    else:
+        cache = (NoRadixCache if args.disable_radix_cache else RadixCache)(allocator, args.page_size)
     scheduler = Scheduler(runner, cache, allocator, chunk_size=chunk, max_step_tokens=max_step_tokens,
-                          policy=args.schedule_policy, overlap=not args.disable_overlap_schedule)
+                          policy=args.schedule_policy, overlap=not args.disable_overlap_schedule, hicache=hicache)
     logger.info("engine: max_running_requests %d, max_prefill_tokens %d, chunked_prefill_size %d, overlap %s",
                 args.max_running_requests, max_step_tokens, chunk, scheduler.overlap)
     return Parts(args, model, context_length, pool, scheduler, compile_count())
+
+
+def build_hicache(args: ServerArgs, model: LoadedModel, runner: ModelRunner, allocator: PageAllocator,
+                  device_pages: int, max_step_tokens: int) -> HiCache:
+    """The host pool (L2), the tree over both tiers, the page transfers and, when asked
+    for, the storage tier (L3; one that cannot be opened is logged and left off)."""
+    cfg = model.config
+    page_shape = (args.page_size, cfg.num_kv_heads, cfg.head_dim)
+    page_bytes = 2 * cfg.num_layers * int(np.prod(page_shape)) * np.dtype(model.dtype).itemsize
+    host_pages = host_pool_pages(device_pages, page_bytes, args.hicache_ratio, args.hicache_size)
+    host = HostKVPool(host_pages, page_shape, model.dtype, cfg.num_layers)
+    cache = HiRadixCache(allocator, args.page_size, host.allocator, args.hicache_write_policy)
+    io = PageIO(runner)
+    io.warmup()
+    storage, namespace = None, ""
+    if args.hicache_storage_backend == "file":
+        layout = {"dtype": np.dtype(model.dtype).name, "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
+                  "head_dim": cfg.head_dim, "page_size": args.page_size}
+        namespace = storage_namespace(str(args.model_path or "bundled-smollm2"), layout)
+        try:
+            storage = FileStorage(args.hicache_storage_dir, (2, cfg.num_layers, *page_shape), model.dtype)
+        except ValueError as e:
+            logger.error("hierarchical cache: the storage tier is off (%s); serving with device and host memory", e)
+    logger.info("hierarchical cache: %d host pages (%.2f GiB, %.1fx the device pool), write policy %s, storage %s",
+                host_pages - 1, (host_pages - 1) * page_bytes / (1 << 30), (host_pages - 1) / max(device_pages, 1),
+                args.hicache_write_policy, args.hicache_storage_dir if storage else "off")
+    return HiCache(cache, host, io, storage=storage, namespace=namespace,
+                   prefetch_policy=args.hicache_storage_prefetch_policy,
+                   prefetch_timeout=args.hicache_storage_prefetch_timeout,
+                   load_quota_pages=max(4 * max_step_tokens // args.page_size, 1))

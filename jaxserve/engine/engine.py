@@ -167,7 +167,10 @@ class Engine:
         def flush():
             if self.scheduler.running or self.scheduler.waiting:
                 return False
-            self.scheduler.cache.flush()
+            if self.scheduler.hicache is not None:
+                self.scheduler.hicache.flush()  # the host tier too (storage keeps its files)
+            else:
+                self.scheduler.cache.flush()
             return True
 
         return self.scheduler.call(flush)

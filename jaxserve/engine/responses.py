@@ -65,6 +65,8 @@ class ResponseBuilder:
             "finish_reason": out.finish_reason if out else None,
             "e2e_latency": time.monotonic() - self.start,
         }
+        if out is not None and out.cached_tokens_details is not None:
+            meta["cached_tokens_details"] = out.cached_tokens_details  # the hierarchical cache's tiers
         if self.options.return_logprob:
             for name, entries in self.logprobs.items():
                 meta[name] = entries[self.sent[name] :] if incremental else entries

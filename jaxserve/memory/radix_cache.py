@@ -55,6 +55,14 @@ _EMPTY_PAGES = np.zeros(0, dtype=np.int32)
 _EMPTY_PAGES.setflags(write=False)
 
 
+def _head(pages, n: int):
+    return None if pages is None else pages[:n]
+
+
+def _tail(pages, n: int):
+    return None if pages is None else pages[n:]
+
+
 def token_key(tokens: np.ndarray | Sequence[int]) -> bytes:
     """Token ids as the int32 bytes used for keys. An int32 numpy array is the fast path
     (a 0.2 us copy); a list costs one ``struct.pack`` (15-40 us per 2k tokens)."""
@@ -68,7 +76,8 @@ class RadixNode:
     for ``lock`` / ``unlock``; a handle stays valid across splits (the handle keeps the
     lower part of a split edge, so it always ends where it ended before)."""
 
-    __slots__ = ("id", "parent", "children", "key", "pages", "lock_ref", "last_access", "hits")
+    __slots__ = ("id", "parent", "children", "key", "pages", "lock_ref", "last_access", "hits", "host", "hkeys",
+                 "writing")
 
     def __init__(self, node_id: int, parent: RadixNode | None, key: bytes, pages: np.ndarray,
                  last_access: int) -> None:
@@ -80,6 +89,12 @@ class RadixNode:
         self.lock_ref = 0
         self.last_access = last_access
         self.hits = 0  # match_prefix calls that matched into this node (the root: every call)
+        # The hierarchical cache (hiradix_cache.py): `pages` is None when the KV is only
+        # on the host; `host` the host pages, `hkeys` the storage keys, `writing` a
+        # device-to-host copy in flight.
+        self.host: np.ndarray | None = None
+        self.hkeys: list[str] | None = None
+        self.writing = None
 
     def __repr__(self) -> str:
         return f"RadixNode(id={self.id}, pages={len(self.pages)}, lock_ref={self.lock_ref})"
@@ -238,13 +253,16 @@ class RadixCache:
         pb = self._page_bytes
         parent = child.parent
         assert parent is not None
-        upper = RadixNode(next(self._ids), parent, child.key[:at], child.pages[: at // pb],
-                          child.last_access)
+        cut = at // pb
+        upper = RadixNode(next(self._ids), parent, child.key[:at], _head(child.pages, cut), child.last_access)
         upper.lock_ref = child.lock_ref  # every lock covering child covers its prefix
         upper.hits = child.hits  # and so does every match that reached into it
+        upper.host, upper.hkeys, upper.writing = _head(child.host, cut), _head(child.hkeys, cut), child.writing
+        if child.writing is not None:
+            child.writing.nodes.append(upper)  # the copy in flight now fills both halves
         parent.children[child.key[:pb]] = upper
         child.key = child.key[at:]
-        child.pages = child.pages[at // pb :]
+        child.pages, child.host, child.hkeys = (_tail(x, cut) for x in (child.pages, child.host, child.hkeys))
         child.parent = upper
         upper.children[child.key[:pb]] = child
         self._nodes[upper.id] = upper

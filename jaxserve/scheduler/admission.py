@@ -26,11 +26,16 @@ def admit_waiting(sched, plan: StepPlan) -> None:
     if not sched.waiting:
         return
     reserved = len(sched.running)  # headroom: a page to grow per running request
+    hicache = sched.book.hicache
+    if hicache is not None:
+        hicache.begin_pass()
     for req in order_waiting(sched.waiting, sched.policy, sched.book.cache):
         if plan.budget <= 0 or not sched.free_rows:
             return
         if req.inflight:
             continue  # retracted while a step that has it still runs: wait for its results
+        if hicache is not None and not hicache.ready(req):
+            continue  # its storage prefetch is still running and the policy waits for it
         try:
             promised = _admit(sched, req, plan, reserved)
         except Exception as exc:  # a bad request must not stop the others
@@ -66,6 +71,10 @@ def _admit(sched, req: Request, plan: StepPlan, reserved: int) -> int | None:
         raise
     if not req.admitted_once:
         req.cached_tokens, req.admitted_once = matched, True
+        if book.hicache is not None:
+            storage = min(req.storage_tokens, req.loaded_tokens)
+            req.cached_details = {"device": matched - req.loaded_tokens, "host": req.loaded_tokens - storage,
+                                  "storage": storage}
     req.status = Status.RUNNING
     sched.waiting.remove(req)
     sched.running[req] = None

@@ -50,7 +50,7 @@ def _put_all(items) -> None:
 def delta(req: Request, *, text="", input_logprobs=(), reason=None) -> RequestOutput:
     """A delta without a new token: input logprobs, or the end of the request."""
     return RequestOutput(req.rid, [], text, [], list(input_logprobs), reason, req.prompt_len, req.cached_tokens,
-                         req.num_outputs)
+                         req.num_outputs, req.num_forced, req.cached_details)
 
 
 class StepResults:
@@ -135,7 +135,8 @@ def process_rows(rows: list[Row], results: StepResults, owed, scheduler, outbox:
         if reason is not None:
             scheduler.finish(req, reason)
         outbox.add(req, RequestOutput(req.rid, new, text, output_lps, input_lps, reason, req.prompt_len,
-                                      req.cached_tokens, req.num_tokens - req.prompt_len, req.num_forced))
+                                      req.cached_tokens, req.num_tokens - req.prompt_len, req.num_forced,
+                                      req.cached_details))
 
 
 def _grammar_tokens(req: Request, token: int, scheduler) -> list[int]:

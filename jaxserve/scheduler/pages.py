@@ -39,8 +39,10 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 
 class PageBook:
-    def __init__(self, cache: RadixCache, allocator: PageAllocator, runner, *, max_session_pages: int):
+    def __init__(self, cache: RadixCache, allocator: PageAllocator, runner, *, max_session_pages: int,
+                 hicache=None):
         self.cache = cache
+        self.hicache = hicache  # memory.HiCache: the host and storage tiers, or None
         self.allocator = allocator
         self.runner = runner  # writes page-table rows on the device
         self.page_size = cache.page_size
@@ -69,9 +71,24 @@ class PageBook:
     # ---- the four moves ----
 
     def take_prefix(self, req: Request) -> int:
-        """Lock the longest cached prefix of `req` as its first pages; returns its tokens."""
-        pages, node = self.cache.match_prefix(req.tokens[: req.match_limit()])
-        self.cache.lock(node)
+        """Lock the longest cached prefix of `req` as its first pages; returns its tokens.
+        With the hierarchical cache, a prefix part on the host is loaded back first
+        (`req.loaded_tokens`), or computed when it cannot be."""
+        req.loaded_tokens = 0
+        if self.hicache is None:
+            pages, node = self.cache.match_prefix(req.tokens[: req.match_limit()])
+            self.cache.lock(node)
+        else:
+            match = self.cache.match_tiers(req.tokens[: req.match_limit()])
+            pages, node = match.pages, match.node
+            self.cache.lock(node)
+            if match.host_nodes:
+                req.loaded_tokens = self.hicache.load(self, match.host_nodes)
+                if req.loaded_tokens:
+                    node = match.host_nodes[-1]
+                    self.cache.lock(node)
+                    self.cache.unlock(match.node)
+                    pages = self.cache.path_pages(node)
         req.node, req.num_pages, req.num_cache_pages = node, 0, len(pages)
         req.grow_pages(pages)
         return len(pages) * self.page_size

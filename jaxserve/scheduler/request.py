@@ -45,6 +45,7 @@ class RequestOutput:
     cached_tokens: int
     completion_tokens: int  # running total
     forced_tokens: int = 0  # running total of output tokens a grammar forced (jump-forward)
+    cached_tokens_details: dict[str, int] | None = None  # hierarchical cache: {device, host, storage}
 
     @property
     def finished(self) -> bool:
@@ -90,6 +91,13 @@ class Request:
     grammar: Any = None  # a constrained.Grammar: masks what it samples, may force tokens
     num_forced: int = 0  # output tokens the grammar forced (appended without sampling)
     drop_emits: int = 0  # launched samples made stale by a jump-forward: their tokens are dropped
+    # The hierarchical cache: a storage read in flight, prompt tokens it added to the
+    # tree, tokens the last admission loaded from the host, and the first admission's
+    # hit per tier ({device, host, storage}).
+    prefetch: Any = None
+    storage_tokens: int = 0
+    loaded_tokens: int = 0
+    cached_details: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         # Plain attributes for what every step reads: properties cost more than the work.

@@ -39,6 +39,7 @@ from jaxserve.scheduler.timing import StepTimes
 logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 60.0
+_PREFETCH_WAIT_S = 0.002  # idle but for requests waiting on storage reads: how long the loop sleeps
 
 
 @dataclasses.dataclass
@@ -57,11 +58,12 @@ class Step:
 
 class Scheduler:
     def __init__(self, runner, cache: RadixCache, allocator: PageAllocator, *, chunk_size: int, max_step_tokens: int,
-                 policy: str, overlap: bool = True, max_session_pages: int | None = None):
+                 policy: str, overlap: bool = True, max_session_pages: int | None = None, hicache=None):
         self.runner = runner
+        self.hicache = hicache  # memory.HiCache (host and storage tiers) or None
         self.book = PageBook(cache, allocator, runner,
                              max_session_pages=max_session_pages if max_session_pages is not None
-                             else cache.total_pages // 2)
+                             else cache.total_pages // 2, hicache=hicache)
         self.chunk_size = chunk_size
         self.max_step_tokens = max_step_tokens
         self.policy = policy
@@ -138,7 +140,9 @@ class Scheduler:
     def _main(self) -> None:
         try:
             while not self._stop.is_set():
-                self._drain_inbox(block=not self.running and not self.waiting and self._inflight is None)
+                idle = not self.running and self._inflight is None
+                prefetching = idle and any(r.prefetch is not None for r in self.waiting)
+                self._drain_inbox(block=idle and not self.waiting, timeout=_PREFETCH_WAIT_S if prefetching else None)
                 self._iterate()
         except BaseException as exc:  # noqa: BLE001 - anything that escapes the guards ends the engine
             logger.critical("the scheduler thread died", exc_info=True)
@@ -150,6 +154,8 @@ class Scheduler:
         which need N-1's tokens) sample step N if that waited. Each part is guarded: a
         failure ends the requests of the step it belongs to."""
         prev, self._inflight = self._inflight, None
+        if self.hicache is not None:
+            self.hicache.poll()
         plan_rows: list[Row] = []
         step = self._guarded(lambda: self._launch(plan_rows), plan_rows)
         decode_rows = len(step.rows) if step is not None and step.fwd.layout.decode_only else 0
@@ -287,18 +293,24 @@ class Scheduler:
             elif kind == "call":
                 arg[1].put((None, EngineUnavailableError(self.unavailable_reason())))
         self.outbox.flush()
+        if self.hicache is not None:
+            self.hicache.close()
 
     # ---- the inbox ----
 
-    def _drain_inbox(self, block: bool) -> None:
+    def _drain_inbox(self, block: bool, timeout: float | None = None) -> None:
+        """Take everything posted; with `block`, wait for the first item; with `timeout`
+        (idle, only waiting requests: e.g. their storage prefetch runs), wait that long."""
         try:
-            item = self.inbox.get() if block else self.inbox.get_nowait()
+            item = self.inbox.get() if block else self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait()
         except queue.Empty:
             return
         while True:
             kind, arg = item
             if kind == "add":
                 bisect.insort(self.waiting, arg, key=lambda r: r.arrival)
+                if self.hicache is not None:
+                    self._start_prefetch(arg)
             elif kind == "abort":
                 self._abort(*arg)
             elif kind == "call":
@@ -314,12 +326,20 @@ class Scheduler:
 
     # ---- request life ----
 
+    def _start_prefetch(self, req: Request) -> None:
+        try:
+            self.hicache.on_arrival(req)
+        except Exception:  # noqa: BLE001 - the storage tier is an optimization: serve without it
+            logger.exception("KV storage prefetch for %s failed to start", req.rid)
+
     def finish(self, req: Request, reason: dict, how: str = "finish") -> None:
         """End `req` (the caller delivers its last output); its pages go back per `how`."""
         if req.status is Status.RUNNING:
             self._release(req, how)
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
+            if self.hicache is not None:
+                self.hicache.cancel(req)
         req.status, req.finish_reason = Status.FINISHED, reason
 
     def fail(self, req: Request, message: str) -> None:
@@ -365,6 +385,7 @@ class Scheduler:
             "session_pinned_pages": self.book.pinned_pages,
             "cache_hit_rate": cache.hit_rate, "num_retractions": self.num_retractions,
             "num_steps": self.num_steps, **self.times.summary(),
+            **(self.hicache.stats() if self.hicache is not None else {}),
         }
 
 
