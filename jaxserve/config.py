@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import typing
 
@@ -94,6 +95,9 @@ class ServerArgs:
         need(self.hicache_ratio >= 1.0, f"--hicache-ratio must be >= 1 (the host pool is at least as large as the "
              f"device pool), got {self.hicache_ratio}")
         need(self.hicache_size is None or self.hicache_size > 0, "--hicache-size must be > 0 GB")
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+        need(self.hicache_size is None or self.hicache_size <= memory_gb,
+             f"--hicache-size {self.hicache_size} GB is more than this machine's {memory_gb:.1f} GB of memory")
         need(self.hicache_write_policy in ("write_through", "write_through_selective", "write_back"),
              "--hicache-write-policy must be write_through, write_through_selective or write_back, "
              f"got {self.hicache_write_policy!r}")

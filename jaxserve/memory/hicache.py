@@ -251,8 +251,8 @@ class HiCache:
 
     def flush(self) -> None:
         """Settle every copy, then drop both tiers' unlocked entries (storage keeps its files)."""
-        self.poll(wait=True)
         self.cache.flush()
+        self.poll(wait=True)  # with write_back, the flush itself started copies
         self.cache.flush_host()
 
     def close(self) -> None:
@@ -275,5 +275,6 @@ class HiCache:
         if self.storage is not None:
             s = self.storage.stats()
             out.update(storage_bytes_read=s.bytes_read, storage_bytes_written=s.bytes_written,
+                       storage_read_seconds=c["storage_read_seconds"], storage_write_seconds=c["storage_write_seconds"],
                        storage_corrupt_pages=s.corrupt, storage_write_failures=s.write_failures)
         return out

@@ -40,6 +40,8 @@ class ServerMetrics:
         self.generation_tokens = Counter("jaxserve_generation_tokens", "Generated tokens", registry=r)
         self.cached_tokens = Counter("jaxserve_cached_tokens", "Prompt tokens served from the radix cache",
                                      registry=r)
+        self.tier_tokens = Counter("jaxserve_cached_tokens_by_tier", "Prompt tokens served from each tier of the "
+                                   "hierarchical cache (device, host, storage)", ["tier"], registry=r)
         self.ttft = Histogram("jaxserve_time_to_first_token_seconds", "Time to first token",
                               buckets=_TTFT_BUCKETS, registry=r)
         self.itl = Histogram("jaxserve_inter_token_latency_seconds", "Time between output tokens",
@@ -104,6 +106,8 @@ class RequestTracker:
         if last is not None:
             m.prompt_tokens.inc(last.prompt_tokens)
             m.cached_tokens.inc(last.cached_tokens)
+            for tier, tokens in (last.cached_tokens_details or {}).items():
+                m.tier_tokens.labels(tier).inc(tokens)
         m.generation_tokens.inc(self.tokens)
 
 
@@ -133,3 +137,34 @@ class _EngineState:
                                   value=info["num_retractions"])
         yield CounterMetricFamily("jaxserve_compilations_after_warmup", "XLA compilations after warm-up "
                                   "(should stay 0)", value=info["compilations_after_warmup"])
+        if "host_total_pages" in info:
+            yield from _hicache_metrics(info)
+
+
+_TRANSFERS = {"d2h": ("d2h_pages", "d2h_bytes", "d2h_seconds"), "h2d": ("h2d_pages", "h2d_bytes", "h2d_seconds"),
+              "storage_write": ("storage_written_pages", "storage_bytes_written", "storage_write_seconds"),
+              "storage_read": ("storage_read_pages", "storage_bytes_read", "storage_read_seconds")}
+
+
+def _hicache_metrics(info: dict[str, Any]) -> Iterator:
+    """The hierarchical cache: host pages by state, pages / bytes / seconds moved each way,
+    and the bandwidth of each way (bytes over the seconds its copies took)."""
+    pages = GaugeMetricFamily("jaxserve_hicache_host_pages", "Host (L2) KV pages by state", labels=["state"])
+    for state in ("free", "evictable", "locked", "total"):
+        pages.add_metric([state], info[f"host_{state}_pages"])
+    yield pages
+    moved = CounterMetricFamily("jaxserve_hicache_transfer_pages", "KV pages moved, by direction",
+                                labels=["direction"])
+    nbytes = CounterMetricFamily("jaxserve_hicache_transfer_bytes", "KV bytes moved, by direction",
+                                 labels=["direction"])
+    bandwidth = GaugeMetricFamily("jaxserve_hicache_bandwidth_bytes_per_second",
+                                  "Bytes moved over the seconds spent copying, by direction", labels=["direction"])
+    for way, (p, b, s) in _TRANSFERS.items():
+        if p not in info or b not in info:
+            continue
+        moved.add_metric([way], info[p])
+        nbytes.add_metric([way], info[b])
+        bandwidth.add_metric([way], info[b] / info[s] if info.get(s) else 0.0)
+    yield moved
+    yield nbytes
+    yield bandwidth

@@ -126,7 +126,7 @@ def native_routes(state: ServerState) -> list[Route]:
             "used_tokens": info["locked_pages"] * page, "cached_tokens": info["evictable_pages"] * page,
             "free_tokens": info["free_pages"] * page, "token_usage": info["locked_pages"] / max(info["total_pages"], 1),
             "num_running_reqs": info["num_running_reqs"], "num_waiting_reqs": info["num_waiting_reqs"],
-            "cache_hit_rate": info["cache_hit_rate"]})
+            "cache_hit_rate": info["cache_hit_rate"], **_host_usage(info, page)})
 
     async def metrics(request: Request) -> Response:
         return Response(await asyncio.to_thread(state.metrics.render), media_type=CONTENT_TYPE)
@@ -200,3 +200,11 @@ async def _finals(deltas: AsyncIterator, builders: list[ResponseBuilder]) -> lis
         async for index, delta in deltas:
             builders[index].add(delta)
     return [b.final() for b in builders]
+
+
+def _host_usage(info: dict, page: int) -> dict:
+    """The host tier of the hierarchical cache in tokens (nothing when it is off)."""
+    if "host_total_pages" not in info:
+        return {}
+    return {f"host_{state}_tokens": info[f"host_{state}_pages"] * page
+            for state in ("total", "free", "evictable", "locked")}
