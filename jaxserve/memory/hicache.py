@@ -88,6 +88,9 @@ class HiCache:
         """Start a host copy of `node`'s device pages; False when the host is full."""
         n = len(node.pages)
         host_pages = self._host_alloc(n)
+        if host_pages is None and self._writes:  # the host is full of copies in flight: settle them
+            self.poll(wait=True)
+            host_pages = self._host_alloc(n)
         if host_pages is None:
             self.counters["backup_skipped_pages"] += n
             return False
@@ -111,6 +114,11 @@ class HiCache:
             written = self.storage.set(keys, [self.host.page(p) for p in host_pages])
             self.counters["storage_write_seconds"] += time.perf_counter() - start
             self.counters["storage_written_pages"] += sum(written)
+
+    @property
+    def busy(self) -> bool:
+        """Copies to the host are in flight (the idle loop keeps polling them)."""
+        return bool(self._writes)
 
     def poll(self, wait: bool = False) -> None:
         """Settle finished copies (all of them, waiting, with `wait`)."""

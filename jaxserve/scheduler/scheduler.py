@@ -39,7 +39,7 @@ from jaxserve.scheduler.timing import StepTimes
 logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 60.0
-_PREFETCH_WAIT_S = 0.002  # idle but for requests waiting on storage reads: how long the loop sleeps
+_PREFETCH_WAIT_S = 0.002  # idle but for transfers of the hierarchical cache: how long the loop sleeps
 
 
 @dataclasses.dataclass
@@ -141,8 +141,10 @@ class Scheduler:
         try:
             while not self._stop.is_set():
                 idle = not self.running and self._inflight is None
-                prefetching = idle and any(r.prefetch is not None for r in self.waiting)
-                self._drain_inbox(block=idle and not self.waiting, timeout=_PREFETCH_WAIT_S if prefetching else None)
+                prefetching = idle and self.hicache is not None and (
+                    self.hicache.busy or any(r.prefetch is not None for r in self.waiting))
+                self._drain_inbox(block=idle and not self.waiting and not prefetching,
+                                  timeout=_PREFETCH_WAIT_S if prefetching else None)
                 self._iterate()
         except BaseException as exc:  # noqa: BLE001 - anything that escapes the guards ends the engine
             logger.critical("the scheduler thread died", exc_info=True)
@@ -377,6 +379,8 @@ class Scheduler:
         self.book.unpin(session)
 
     def stats(self) -> dict:
+        if self.hicache is not None:  # settle finished copies (all of them when idle)
+            self.hicache.poll(wait=not self.running and not self.waiting)
         cache = self.cache
         return {
             "num_running_reqs": len(self.running), "num_waiting_reqs": len(self.waiting),
