@@ -161,6 +161,11 @@ def test_aborts_leave_both_tiers_exact_and_http_reports_tiers(l2_engine, long_pr
                if line.startswith('jaxserve_hicache_transfer_bytes_total{direction="h2d"}')]
         assert h2d and float(h2d[0].split()[-1]) > 0
         assert 'jaxserve_hicache_bandwidth_bytes_per_second{direction="d2h"}' in metrics
+        stack, nodes = [httpx.get(server.url + "/radix_tree", timeout=30).json()["root"]], []
+        while stack:
+            nodes.append(stack.pop())
+            stack.extend(nodes[-1]["children"])
+        assert any(n["num_pages"] == 0 and n["host_pages"] > 0 for n in nodes)  # only on the host
         usage = httpx.get(server.url + "/get_token_usage", timeout=30).json()
         assert usage["host_total_tokens"] == usage["host_free_tokens"] + usage["host_evictable_tokens"]
     finally:

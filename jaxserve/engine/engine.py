@@ -218,9 +218,10 @@ class Engine:
         for row in rows:  # depth first, so a parent comes before its children
             locked = row.lock_ref > 0
             nodes[row.id] = node = {
-                "id": row.id, "num_tokens": row.num_tokens, "num_pages": row.num_pages, "hits": row.hits,
+                "id": row.id, "num_tokens": row.num_tokens, "num_pages": row.num_pages, "host_pages": row.host_pages,
+                "hits": row.hits,
                 "last_access": row.last_access, "lock_ref": row.lock_ref, "locked": locked,
-                "evictable": row.parent_id is not None and not locked, "head_tokens": list(row.head_tokens),
+                "evictable": row.parent_id is not None and not locked and row.num_pages > 0, "head_tokens": list(row.head_tokens),
                 "head_text": self.tokenizer.decode(row.head_tokens, skip_special_tokens=False),
                 "children": []}
             if row.parent_id is not None:

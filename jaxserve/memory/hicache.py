@@ -143,7 +143,14 @@ class HiCache:
         self._loaded_this_pass = 0
 
     def load(self, book, nodes: list) -> int:
-        """Load a host-only chain to the device, all or nothing; the tokens loaded."""
+        """Load a host-only chain (just matched) to the device, all or nothing; the tokens
+        loaded."""
+        try:
+            return self._load(book, nodes)
+        finally:
+            self.cache.end_load()
+
+    def _load(self, book, nodes: list) -> int:
         if any(n.writing is not None for n in nodes):
             for n in nodes:
                 if n.writing is not None:

@@ -57,6 +57,7 @@ class HiRadixCache(RadixCache):
         self.write_policy = write_policy
         self.backup = lambda node: False  # set by the owner: start a host copy of `node`
         self.host_evictable_pages = 0
+        self._guard = -1  # the LRU time of a matched path whose host part is being loaded
 
     # ---- matching and inserting ----
 
@@ -73,6 +74,7 @@ class HiRadixCache(RadixCache):
             host_nodes.append(dev)
             dev = dev.parent  # type: ignore[assignment]
         host_nodes.reverse()
+        self._guard = self._clock if host_nodes else -1  # host eviction spares this path until `end_load`
         host_tokens = sum(len(n.key) for n in host_nodes) // _TOKEN_BYTES
         hit = matched // _TOKEN_BYTES - host_tokens
         self.hit_tokens += hit
@@ -217,8 +219,8 @@ class HiRadixCache(RadixCache):
 
     def evict_host(self, num_pages: int) -> int:
         """Free at least `num_pages` host pages if possible (LRU host-only leaves first,
-        then host copies of device nodes; never the path matched last). Returns the
-        pages freed."""
+        then host copies of device nodes; never a path being loaded). Returns the pages
+        freed."""
         freed = 0
         leaves = [(n.last_access, n.id, n) for n in self._nodes.values() if self._host_leaf(n)]
         heapq.heapify(leaves)
@@ -245,13 +247,16 @@ class HiRadixCache(RadixCache):
         return node.pages is None and node.writing is None and not node.children and self._old(node)
 
     def _old(self, node: RadixNode) -> bool:
-        """Not touched by the match or insert in progress: its nodes stay on the host
-        while their load or backup is being set up."""
-        return node.last_access != self._clock
+        """Not on the path of the match whose host part is being loaded (see `end_load`)."""
+        return node.last_access != self._guard
+
+    def end_load(self) -> None:
+        """The host part of the last match is loaded (or will be computed): host eviction
+        may take its nodes again."""
+        self._guard = -1
 
     def flush_host(self) -> int:
         """Drop every host page not in a transfer."""
-        self._clock += 1
         return self.evict_host(self.host_evictable_pages)
 
     def keys_of(self, node: RadixNode, namespace_keys) -> list[str]:

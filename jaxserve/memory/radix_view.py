@@ -24,6 +24,7 @@ class NodeInfo:
     last_access: int
     head_tokens: tuple[int, ...]  # the first few tokens of the edge
     hits: int  # match_prefix calls that matched into this node (the root: every call)
+    host_pages: int = 0  # hierarchical cache: pages of its KV in host memory (0: none)
 
 
 def export_tree(cache: RadixCache, head: int = 8) -> list[NodeInfo]:
@@ -39,11 +40,12 @@ def export_tree(cache: RadixCache, head: int = 8) -> list[NodeInfo]:
             parent_id=node.parent.id if node.parent is not None else None,
             start_token=start,
             num_tokens=num_tokens,
-            num_pages=len(node.pages),
+            num_pages=0 if node.pages is None else len(node.pages),  # None: only on the host
             lock_ref=node.lock_ref,
             last_access=node.last_access,
             head_tokens=tuple(np.frombuffer(node.key[: head * _TOKEN_BYTES], np.int32).tolist()),
             hits=node.hits,
+            host_pages=0 if node.host is None else len(node.host),
         ))
         children = sorted(node.children.values(), key=lambda c: c.id, reverse=True)
         stack.extend((c, start + num_tokens) for c in children)
@@ -63,6 +65,7 @@ def pretty_tree(cache: RadixCache, max_nodes: int = 200) -> str:
         head = ", ".join(map(str, row.head_tokens))
         more = ", ..." if row.num_tokens > len(row.head_tokens) else ""
         lock = f" locked x{row.lock_ref}" if row.lock_ref else ""
+        lock += f" host {row.host_pages} pg" if row.host_pages else ""
         lines.append(f"{'  ' * d}#{row.id} [{head}{more}] {row.num_tokens} tok, "
                      f"{row.num_pages} pg, {row.hits} hits, t={row.last_access}{lock}")
     if len(rows) - 1 > max_nodes:
