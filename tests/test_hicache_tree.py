@@ -78,7 +78,8 @@ def serve(tokens: np.ndarray, io, cache: HiRadixCache, hicache: HiCache, book: P
     own = book.allocator.alloc(need)
     all_pages = np.concatenate([pages, own]).astype(np.int32)
     k, v = page_values([reference_page(tokens, i) for i in range(len(pages), len(all_pages))])
-    io.scatter(own, k, v)
+    for at, n in io.pieces(len(own)):
+        io.scatter(own[at : at + n], k[:, at : at + n], v[:, at : at + n])
     present, _ = cache.insert_with_node(tokens[: full * PS], all_pages[:full])
     first = len(pages)
     book.allocator.free(all_pages[first : max(present // PS, first)])

@@ -106,7 +106,7 @@ class HiCache:
         """On the write thread: the gathered pages into host memory, then into storage."""
         start, at = time.perf_counter(), 0
         for count, k, v in parts:
-            self.host.write(host_pages[at : at + count], np.asarray(k)[:, :count], np.asarray(v)[:, :count])
+            self.host.write(host_pages[at : at + count], np.asarray(k), np.asarray(v))
             at += count
         self.counters["d2h_seconds"] += time.perf_counter() - start
         if keys is not None:
@@ -165,8 +165,8 @@ class HiCache:
             return 0
         device_pages = book.allocator.alloc(count)
         start = time.perf_counter()
-        k, v = self.host.read(host_pages)
-        self.io.scatter(device_pages, k, v)
+        for at, n in self.io.pieces(count):
+            self.io.scatter(device_pages[at : at + n], *self.host.read(host_pages[at : at + n]))
         self.counters["h2d_seconds"] += time.perf_counter() - start
         self.counters["h2d_pages"] += count
         self.cache.attach_device(nodes, device_pages)

@@ -8,9 +8,8 @@ before it, and a page freed after its gather may be reused by the next step at o
 The host half (copying a gathered array to host memory, reading host pages) is the
 caller's (`memory/hicache.py`), on a worker thread for writes.
 
-Page counts are padded to power-of-two buckets with the dummy page 0 (a gather of it is
-thrown away, a scatter into it lands where padded tokens write anyway), so a transfer
-never compiles after warm-up.
+A transfer is cut into power-of-two pieces (23 pages: 16 + 4 + 2 + 1), each a program
+compiled at warm-up, so nothing is padded or copied twice and serving never compiles.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import functools
 import jax
 import numpy as np
 
-MAX_TRANSFER_PAGES = 64  # the largest bucket; longer transfers are cut into pieces
+MAX_TRANSFER_PAGES = 16  # the largest piece: larger ones make the CPU backend fault in fresh temporaries
 
 
 def transfer_buckets(max_pages: int = MAX_TRANSFER_PAGES) -> list[int]:
@@ -32,19 +31,20 @@ def transfer_buckets(max_pages: int = MAX_TRANSFER_PAGES) -> list[int]:
 
 
 class PageIO:
-    """Gather / scatter of whole pages of `runner`'s KV pool (see the module doc)."""
+    """Gather / scatter of whole pages of `runner`'s KV pool (see the module doc).
+    `max_pages` (a power of two) is the largest piece."""
 
     def __init__(self, runner, max_pages: int = MAX_TRANSFER_PAGES):
         self.runner = runner
         self.buckets = transfer_buckets(max_pages)
-        self.max_pages = max_pages
 
-    def _bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
-
-    def _padded(self, pages: np.ndarray) -> np.ndarray:
-        out = np.zeros(self._bucket(len(pages)), np.int32)
-        out[: len(pages)] = pages
+    def pieces(self, n: int) -> list[tuple[int, int]]:
+        """`(start, count)` pieces of a transfer of `n` pages, each count a bucket."""
+        out, at = [], 0
+        for b in reversed(self.buckets):
+            while n - at >= b:
+                out.append((at, b))
+                at += b
         return out
 
     @functools.cached_property
@@ -63,34 +63,22 @@ class PageIO:
 
     def gather(self, pages: np.ndarray) -> list[tuple[int, jax.Array, jax.Array]]:
         """Dispatch gathers of `pages`; `[(count, k, v)]` per piece, each `k` / `v` a device
-        array `[layers, bucket, page_size, kv_heads, head_dim]` whose first `count` pages
-        are the asked ones. Returns at once."""
+        array `[layers, count, page_size, kv_heads, head_dim]`. Returns at once."""
         r = self.runner
-        out = []
-        for at in range(0, len(pages), self.max_pages):
-            piece = pages[at : at + self.max_pages]
-            k, v = self._gather(r.k_cache, r.v_cache, self._padded(piece))
-            out.append((len(piece), k, v))
-        return out
+        return [(n, *self._gather(r.k_cache, r.v_cache, pages[at : at + n])) for at, n in self.pieces(len(pages))]
 
     def scatter(self, pages: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        """Write host arrays `k`, `v` `[layers, len(pages), page_size, kv_heads, head_dim]`
-        into `pages` of the pool. Returns once dispatched."""
+        """Write `k`, `v` `[layers, len(pages), page_size, kv_heads, head_dim]` into `pages`
+        of the pool, one piece per call (`len(pages)` a bucket: see `pieces`). Returns
+        once dispatched."""
         r = self.runner
-        for at in range(0, len(pages), self.max_pages):
-            piece = pages[at : at + self.max_pages]
-            padded = self._padded(piece)
-            shape = (k.shape[0], len(padded), *k.shape[2:])
-            k_in, v_in = np.zeros(shape, k.dtype), np.zeros(shape, v.dtype)
-            k_in[:, : len(piece)] = k[:, at : at + len(piece)]
-            v_in[:, : len(piece)] = v[:, at : at + len(piece)]
-            k_dev, v_dev = (jax.device_put(x, r.kv_sharding) for x in (k_in, v_in))
-            r.k_cache, r.v_cache = self._scatter(r.k_cache, r.v_cache, padded, k_dev, v_dev)
+        k_dev, v_dev = jax.device_put((k, v), r.kv_sharding)
+        r.k_cache, r.v_cache = self._scatter(r.k_cache, r.v_cache, pages, k_dev, v_dev)
 
     def warmup(self) -> None:
         """Compile the gather and scatter of every bucket (page 0 only: nothing changes)."""
         for b in self.buckets:
             pages = np.zeros(b, np.int32)
             (_, k, v), = self.gather(pages)
-            self.scatter(pages, np.asarray(k), np.asarray(v))
+            self.scatter(pages, np.asarray(k), np.asarray(v))  # page 0 gets page 0: nothing changes
         jax.block_until_ready(self.runner.k_cache)
