@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 
@@ -16,6 +17,8 @@ def _serve(args) -> None:
     except ServerArgsError as e:
         sys.exit(f"error: {e}")
     logging.getLogger().setLevel(server_args.log_level.upper())
+    if args.trust_remote_code:
+        logging.info("--trust-remote-code is accepted and ignored: jaxserve runs no model code from the hub")
     serve(server_args, shutdown_timeout=args.shutdown_timeout)
 
 
@@ -38,7 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     convert.add_argument("--model-path", default=None, help="HF dir, .gguf file or converted dir (default: bundled SmolLM2)")
     convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     convert.add_argument("--output", required=True, help="directory to write")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [o for action in (serve if args.command == "serve" else convert)._actions for o in action.option_strings]
+        flag = unknown[0].split("=")[0]
+        close = difflib.get_close_matches(flag, known, n=1)
+        parser.error(f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else ""))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
     {"serve": _serve, "convert": _convert}[args.command](args)

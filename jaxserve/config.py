@@ -24,6 +24,9 @@ BACKEND_DEFAULTS = {
 }
 
 
+CLI_ALIASES = {"tp_size": ("--tensor-parallel-size",)}  # SGLang's other names for the same flag
+
+
 @dataclasses.dataclass
 class ServerArgs:
     model_path: str | None = None  # HF dir, .gguf, converted dir; None = bundled SmolLM2
@@ -58,12 +61,17 @@ class ServerArgs:
     hicache_storage_prefetch_policy: str = "best_effort"  # best_effort | wait_complete | timeout
     hicache_storage_prefetch_timeout: float = 2.0  # seconds admission waits, with the timeout policy
     compilation_cache_dir: str | None = None
+    profile_dir: str | None = None  # where /start_profile traces go (a new folder each); default: the temp dir
     chat_template: str | None = None
     random_seed: int = 0
     host: str = "127.0.0.1"
     port: int = 30000
     api_key: str | None = None
     session_timeout: float = 600.0
+    # Bounds on what clients can make the server hold (503 + Retry-After beyond them).
+    max_queued_requests: int | None = None  # requests waiting for admission; None: no bound
+    max_sessions: int = 1024  # open sessions
+    max_request_body_bytes: int = 32 << 20  # larger bodies get 413
     served_model_name: str | None = None
     log_level: str = "info"
 
@@ -89,6 +97,12 @@ class ServerArgs:
         need(self.attention_backend in ("auto", "reference", "pallas", "triton", "tpu"),
              f"--attention-backend must be auto, reference, pallas, triton or tpu, got {self.attention_backend!r}")
         need(self.context_length is None or self.context_length >= 2, "--context-length must be >= 2")
+        self.dtype = {"half": "float16", "float": "float32"}.get(self.dtype, self.dtype)  # SGLang's aliases
+        need(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             f"--dtype must be auto, float32, bfloat16, float16 or half, got {self.dtype!r}")
+        need(self.max_queued_requests is None or self.max_queued_requests >= 1, "--max-queued-requests must be >= 1")
+        need(self.max_sessions >= 1, "--max-sessions must be >= 1")
+        need(self.max_request_body_bytes >= 1024, "--max-request-body-bytes must be >= 1024")
         self._validate_hicache(need)
 
     def _validate_hicache(self, need) -> None:
@@ -125,19 +139,21 @@ class ServerArgs:
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
-        """One `--flag-name` per field, typed from the annotation."""
+        """One `--flag-name` per field, typed from the annotation (plus SGLang's aliases)."""
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
-            flag = "--" + field.name.replace("_", "-")
+            flags = ["--" + field.name.replace("_", "-"), *CLI_ALIASES.get(field.name, ())]
             hint = hints[field.name]
             if hint is bool:
-                parser.add_argument(flag, action="store_true", default=field.default)
+                parser.add_argument(*flags, action="store_true", default=field.default)
                 continue
             if hint == bool | None:  # a per-backend default: --flag / --no-flag
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+                parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=field.default)
                 continue
             base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-            parser.add_argument(flag, type=base, default=field.default)
+            parser.add_argument(*flags, type=base, default=field.default)
+        parser.add_argument("--trust-remote-code", action="store_true",
+                            help="accepted for SGLang compatibility; jaxserve runs no model code from the hub")
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "ServerArgs":

@@ -1,6 +1,6 @@
 """Errors shared across the engine's seams."""
 
-__all__ = ["EngineUnavailableError", "InvalidRequestError"]
+__all__ = ["EngineOverloadedError", "EngineUnavailableError", "InvalidRequestError"]
 
 
 class InvalidRequestError(ValueError):
@@ -16,3 +16,13 @@ class EngineUnavailableError(RuntimeError):
 
     The HTTP layer maps it to a 503 response.
     """
+
+
+class EngineOverloadedError(RuntimeError):
+    """The engine is healthy but full: the request queue (`--max-queued-requests`) or the
+    open sessions (`--max-sessions`) are at their bound. Nothing was scheduled.
+
+    The HTTP layer maps it to a 503 response with a `Retry-After` header.
+    """
+
+    retry_after_s = 1

@@ -39,9 +39,15 @@ def main() -> None:
     parser.add_argument("--engine-src", default=None, help="import jaxserve from this checkout instead")
     parser.add_argument("--quick", action="store_true", help="a small run that checks the script works")
     args = parser.parse_args()
-    if args.quick:
+    if args.quick:  # a tiny random model (unless one is given) and small shapes: it only checks the script works
         args.context_length, args.max_prefill_tokens, args.chunk = 512, 128, [64]
         args.long_len, args.short_len, args.batch, args.repeats = 300, 100, 2, 1
+        if args.model_path is None:
+            import tempfile
+
+            from bench_host_overhead import tiny_model
+
+            args.model_path = tiny_model(tempfile.mkdtemp())
     if args.engine_src:
         sys.path.insert(0, args.engine_src)
     import jaxserve

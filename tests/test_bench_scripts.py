@@ -1,5 +1,6 @@
 """The engine benchmarks run end to end in their --quick mode, so they cannot rot."""
 
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,10 @@ import pytest
     ("scripts/bench_constrained.py", "constrained/unconstrained throughput ratio"),
     ("scripts/bench_lang.py", "lang speed-up over raw calls"),
 ])
-def test_bench_quick(script, expect):
-    out = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=600)
+def test_bench_quick(script, expect, tmp_path_factory):
+    # One persistent compilation cache for every script: their engines share many shapes.
+    cache = tmp_path_factory.getbasetemp() / "bench-jax-cache"
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    out = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert expect in out.stdout

@@ -137,7 +137,7 @@ def test_tree_matches_the_cached_prefixes_and_counts_hits(server, http):
     assert set(routed) == {"page_size", "total_pages", "free_pages", "evictable_pages", "locked_pages", "root"}
     assert routed["page_size"] == PAGE and routed["evictable_pages"] == after["evictable_pages"]
     first = routed["root"]["children"][0]
-    assert set(first) == {"id", "num_tokens", "num_pages", "hits", "last_access", "lock_ref", "locked",
+    assert set(first) == {"id", "num_tokens", "num_pages", "host_pages", "hits", "last_access", "lock_ref", "locked",
                           "evictable", "head_tokens", "head_text", "children"}
     assert len(first["head_tokens"]) == min(16, first["num_tokens"])
     assert first["head_text"] == engine.tokenizer.decode(first["head_tokens"], skip_special_tokens=False)

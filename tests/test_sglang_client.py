@@ -23,6 +23,7 @@ import json
 import re
 import sys
 import types
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -322,16 +323,19 @@ def test_roles_follow_the_chat_template(server, http):
 
 
 def test_profile_routes(backend, http, tmp_path):
-    """The client's start_profile / stop_profile (GET, no body) succeed; with an output_dir the
-    trace of the requests in between is written there; out-of-order calls are 400s."""
+    """The client's start_profile / stop_profile (GET, no body) succeed; the trace of the
+    requests in between is written into a new folder the server chose (a client's
+    `output_dir` is refused: no route writes where a client says); out-of-order calls are 400s."""
     backend.start_profile()
     ok(complete.run(prompt="Profile me"))
     backend.stop_profile()
-    assert http.post("/start_profile", json={"output_dir": str(tmp_path)}).json()["output_dir"] == str(tmp_path)
+    refused = http.post("/start_profile", json={"output_dir": str(tmp_path)})
+    assert refused.status_code == 400 and "output_dir" in refused.json()["error"]["message"]
+    started = http.post("/start_profile").json()["output_dir"]
     assert http.post("/start_profile").status_code == 400  # already running
     generate(http, "Profile me too", max_new_tokens=2)
     assert http.post("/stop_profile").json()["success"] is True
-    assert list(tmp_path.rglob("*.xplane.pb"))
+    assert list(Path(started).rglob("*.xplane.pb")) and not list(tmp_path.iterdir())
     r = http.post("/stop_profile")
     assert r.status_code == 400 and "no profile is running" in r.json()["error"]["message"]
     assert http.post("/start_profile", json={"num_steps": 5}).status_code == 400

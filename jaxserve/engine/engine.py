@@ -24,7 +24,7 @@ from jaxserve.engine.inputs import GenerateInput, LogprobOptions, check_input, s
 from jaxserve.engine.profiler import Profiler
 from jaxserve.engine.responses import ResponseBuilder
 from jaxserve.engine.sessions import Sessions
-from jaxserve.errors import EngineUnavailableError, InvalidRequestError
+from jaxserve.errors import EngineOverloadedError, EngineUnavailableError, InvalidRequestError
 from jaxserve.memory import export_tree
 from jaxserve.runner import compile_count
 from jaxserve.sampling import SamplingParams
@@ -42,10 +42,14 @@ class Engine:
         self.compiles_at_ready = parts.compiles_at_ready
         self.scheduler = parts.scheduler
         self.scheduler.start()
-        self.sessions = Sessions(self.scheduler, self.args.session_timeout)
+        self.sessions = Sessions(self.scheduler, self.args.session_timeout, self.args.max_sessions)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size,
                                         json_whitespace=self.args.constrained_json_whitespace_pattern)
-        self.profiler = Profiler()  # /start_profile, /stop_profile
+        self.profiler = Profiler(self.args.profile_dir)  # /start_profile, /stop_profile
+        # No token covers more characters than the longest vocabulary entry (in its surface
+        # form), so a longer text than this is over the context whatever it tokenizes to.
+        longest = max(map(len, self.tokenizer.rust.get_vocab(with_added_tokens=True)))
+        self._max_prompt_chars = self.context_length * longest
         self._seeds = itertools.count(self.args.random_seed * 1_000_003 + 1)
         self._active: dict[str, Fanout] = {}  # by the client's rid
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -65,6 +69,10 @@ class Engine:
     def _prepare(self, prompt, input_ids, sampling_params, rid, options, session_params) -> GenerateInput:
         texts, id_lists, batched = split_prompts(prompt, input_ids)
         if texts is not None:
+            for text in texts:  # refuse what cannot fit before spending time tokenizing it
+                if len(text) > self._max_prompt_chars:
+                    raise InvalidRequestError(f"the prompt has {len(text)} characters, more than any "
+                                              f"{self.context_length}-token context holds; shorten it")
             id_lists = [self.tokenizer.encode(t) for t in texts]
         gen = check_input(id_lists, sampling_params, rid, options, self.sessions.get(session_params), batched,
                           vocab_size=self.model.config.vocab_size, context_length=self.context_length,
@@ -80,6 +88,10 @@ class Engine:
         taken = [r for r in gen.rids if r in self._active]
         if taken:
             raise InvalidRequestError(f"rid {taken[0]!r} is already in use; give each request a unique rid")
+        bound = self.args.max_queued_requests
+        if bound is not None and self.scheduler.num_queued() + gen.num_branches > bound:
+            raise EngineOverloadedError(f"the request queue is full ({bound} waiting, --max-queued-requests); "
+                                        "retry later")
         if gen.session is not None:
             gen.session.begin_turn()
         fanout = Fanout(self, gen)
@@ -200,6 +212,17 @@ class Engine:
         return {**args, **stats, **self.grammars.stats(), "page_size": self.args.page_size,
                 "context_length": self.context_length, "max_total_num_tokens": self.pool.max_total_tokens,
                 "compilations_after_warmup": compile_count() - self.compiles_at_ready}
+
+    def cache_summary(self) -> dict[str, Any]:
+        """A few radix-cache counters for `/health`, read without waiting for the scheduler
+        thread (each is one attribute read, so a probe never queues behind a step)."""
+        cache, hicache = self.scheduler.cache, self.scheduler.hicache
+        out = {"nodes": cache.num_nodes, "hit_rate": round(cache.hit_rate, 4), "device_hit_tokens": cache.hit_tokens}
+        if hicache is not None:
+            page = cache.page_size
+            out.update(host_hit_tokens=hicache.counters["h2d_pages"] * page,
+                       storage_hit_tokens=hicache.counters["storage_read_pages"] * page)
+        return out
 
     def radix_tree(self, head: int = 16) -> dict[str, Any]:
         """The radix cache as nested plain data (JSON-able): the page counts and the root

@@ -14,17 +14,22 @@ from jaxserve.errors import InvalidRequestError
 
 
 class Profiler:
-    def __init__(self) -> None:
+    """Traces go into a new folder under `base_dir` (the operator's `--profile-dir`; the
+    system's temporary directory when None): a client never chooses a path."""
+
+    def __init__(self, base_dir: str | None = None) -> None:
+        self.base_dir = base_dir
         self._lock = threading.Lock()
         self.output_dir: str | None = None  # set while a trace runs
 
-    def start(self, output_dir: str | None = None) -> str:
-        """Start a trace into `output_dir` (a new temporary folder when None); its folder."""
+    def start(self) -> str:
+        """Start a trace into a new folder; its path."""
         with self._lock:
             if self.output_dir is not None:
                 raise InvalidRequestError(f"a profile is already running into {self.output_dir}; stop it first")
-            path = output_dir or tempfile.mkdtemp(prefix=f"jaxserve-profile-{time.strftime('%Y%m%d-%H%M%S')}-")
-            Path(path).mkdir(parents=True, exist_ok=True)
+            if self.base_dir is not None:
+                Path(self.base_dir).mkdir(parents=True, exist_ok=True)
+            path = tempfile.mkdtemp(prefix=f"jaxserve-profile-{time.strftime('%Y%m%d-%H%M%S')}-", dir=self.base_dir)
             jax.profiler.start_trace(path)
             self.output_dir = path
             return path

@@ -16,7 +16,7 @@ import uuid
 
 import numpy as np
 
-from jaxserve.errors import InvalidRequestError
+from jaxserve.errors import EngineOverloadedError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,10 @@ class Session:
 class Sessions:
     """The open sessions of one engine; `close` unpins on the scheduler thread."""
 
-    def __init__(self, scheduler, timeout: float):
+    def __init__(self, scheduler, timeout: float, max_open: int = 1024):
         self.scheduler = scheduler
         self.timeout = timeout
+        self.max_open = max_open
         self.open: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -65,6 +66,9 @@ class Sessions:
         with self._lock:
             if sid in self.open:
                 raise InvalidRequestError(f"session {sid} is already open")
+            if len(self.open) >= self.max_open:
+                raise EngineOverloadedError(f"{len(self.open)} sessions are open, the most this server keeps "
+                                            "(--max-sessions); close one or retry later")
             self.open[sid] = Session(sid, capacity_of_str_len)
         return sid
 

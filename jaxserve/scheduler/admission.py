@@ -71,6 +71,8 @@ def _admit(sched, req: Request, plan: StepPlan, reserved: int) -> int | None:
         raise
     if not req.admitted_once:
         req.cached_tokens, req.admitted_once = matched, True
+        logger.debug("radix hit %s: %d of %d prompt tokens cached (%d loaded from the host)", req.rid, matched,
+                     req.prompt_len, req.loaded_tokens)
         if book.hicache is not None:
             storage = min(req.storage_tokens, req.loaded_tokens)
             req.cached_details = {"device": matched - req.loaded_tokens, "host": req.loaded_tokens - storage,

@@ -63,7 +63,9 @@ class PageBook:
             short = num_pages - self.allocator.num_free
             if short <= 0:
                 return True
-            self.cache.evict(short)
+            evicted = self.cache.evict(short)
+            if evicted:
+                logger.debug("radix eviction: %d pages freed (%d were short)", evicted, short)
             if self.allocator.num_free >= num_pages or not self.pins:
                 return self.allocator.num_free >= num_pages
             self.unpin(next(iter(self.pins)))

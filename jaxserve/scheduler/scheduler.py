@@ -30,6 +30,7 @@ from jaxserve.errors import EngineUnavailableError
 from jaxserve.memory import PageAllocator, RadixCache
 from jaxserve.scheduler.admission import admit_waiting
 from jaxserve.scheduler.batch import Row, StepPlan, owed_input_logprobs
+from jaxserve.scheduler.batch_log import BatchLog
 from jaxserve.scheduler.decode import plan_running
 from jaxserve.scheduler.output import Outbox, StepResults, delta, process_rows
 from jaxserve.scheduler.pages import PageBook
@@ -75,6 +76,7 @@ class Scheduler:
         self.outbox = Outbox()
         self.num_retractions = self.num_steps = 0
         self.times = StepTimes()
+        self.batch_log = BatchLog()
         self.error: BaseException | None = None  # why the thread died
         self._alive = False
         self._gate = threading.Lock()  # orders submit / call against death
@@ -99,6 +101,11 @@ class Scheduler:
     def abort(self, rid: str, reason: dict | None = None) -> None:
         if self._alive:
             self.inbox.put(("abort", (rid, reason)))
+
+    def num_queued(self) -> int:
+        """Requests not admitted yet (waiting, or posted and not taken in); read from any
+        thread, so approximate by the few in hand-over."""
+        return len(self.waiting) + self.inbox.qsize()
 
     def call(self, fn, timeout: float = CALL_TIMEOUT_S):
         """Run `fn()` on the scheduler thread between steps and return its result."""
@@ -192,6 +199,7 @@ class Scheduler:
         if not rows:
             return None
         batch = plan.build(self.runner)
+        self.batch_log.step(self, rows)
         self.times.forward_launched()
         dispatch = time.perf_counter()
         fwd = self.runner.forward(batch)

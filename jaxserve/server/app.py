@@ -1,5 +1,6 @@
 """The Starlette app: routes, API-key check, and the mapping of every failure to a JSON error
-(`InvalidRequestError` -> 400, `EngineUnavailableError` -> 503, anything else -> 500)."""
+(`InvalidRequestError` -> 400, `EngineUnavailableError` -> 503, `EngineOverloadedError` -> 503 with
+`Retry-After`, anything else -> 500)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jaxserve.config import ServerArgs
-from jaxserve.errors import EngineUnavailableError, InvalidRequestError
+from jaxserve.errors import EngineOverloadedError, EngineUnavailableError, InvalidRequestError
 from jaxserve.server.native import native_routes
 from jaxserve.server.openai_api import openai_routes
 from jaxserve.server.protocol import APIError, error_response
@@ -46,6 +47,13 @@ def create_app(engine, args: ServerArgs | None = None) -> Starlette:
             state.metrics.requests.labels("error").inc()
         return error_response(503, str(exc))
 
+    async def engine_overloaded(request: Request, exc: Exception) -> Response:
+        if request.url.path in _GENERATION_PATHS:
+            state.metrics.requests.labels("overloaded").inc()
+        response = error_response(503, str(exc), code="overloaded")
+        response.headers["Retry-After"] = str(EngineOverloadedError.retry_after_s)
+        return response
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
@@ -60,7 +68,8 @@ def create_app(engine, args: ServerArgs | None = None) -> Starlette:
     app = Starlette(
         routes=native_routes(state) + openai_routes(state),
         exception_handlers={APIError: api_error, InvalidRequestError: invalid_request,
-                            EngineUnavailableError: engine_unavailable, HTTPException: http_error,
+                            EngineUnavailableError: engine_unavailable, EngineOverloadedError: engine_overloaded,
+                            HTTPException: http_error,
                             Exception: internal_error},
     )
     app.state.server = state

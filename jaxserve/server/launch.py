@@ -31,6 +31,9 @@ def serve(args: ServerArgs, *, shutdown_timeout: float = 30.0) -> None:
     """Load the model, warm up, serve until SIGTERM / SIGINT, shut down cleanly."""
     from jaxserve.engine import Engine
 
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logger.warning("serving on %s without --api-key: anyone who can reach this address can use the "
+                       "server (generate, flush its cache, abort requests)", args.host)
     engine = Engine(**vars(args))
     try:
         app = create_app(engine, args)

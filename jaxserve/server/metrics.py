@@ -35,7 +35,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("jaxserve_requests", "Finished generation requests by outcome "
-                                "(stop, length, abort, invalid, error)", ["outcome"], registry=r)
+                                "(stop, length, abort, invalid, overloaded, error)", ["outcome"], registry=r)
         self.prompt_tokens = Counter("jaxserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("jaxserve_generation_tokens", "Generated tokens", registry=r)
         self.cached_tokens = Counter("jaxserve_cached_tokens", "Prompt tokens served from the radix cache",

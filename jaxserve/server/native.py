@@ -72,8 +72,8 @@ def native_routes(state: ServerState) -> list[Route]:
         return json_response({**await asyncio.to_thread(engine.get_server_info), "version": __version__})
 
     async def health(request: Request) -> Response:
-        if engine.healthy:
-            return json_response({"status": "ok"})
+        if engine.healthy:  # cheap: counters read without waiting for the scheduler thread
+            return json_response({"status": "ok", "radix_cache": engine.cache_summary()})
         return json_response({"status": "unhealthy", "reason": engine.unavailable_reason}, 503)
 
     async def health_generate(request: Request) -> Response:
@@ -126,6 +126,7 @@ def native_routes(state: ServerState) -> list[Route]:
             "used_tokens": info["locked_pages"] * page, "cached_tokens": info["evictable_pages"] * page,
             "free_tokens": info["free_pages"] * page, "token_usage": info["locked_pages"] / max(info["total_pages"], 1),
             "num_running_reqs": info["num_running_reqs"], "num_waiting_reqs": info["num_waiting_reqs"],
+            "num_requests": info["num_running_reqs"] + info["num_waiting_reqs"],
             "cache_hit_rate": info["cache_hit_rate"], **_host_usage(info, page)})
 
     async def metrics(request: Request) -> Response:
@@ -149,11 +150,10 @@ def native_routes(state: ServerState) -> list[Route]:
 
     async def start_profile(request: Request) -> Response:
         # SGLang's client sends no body; SGLang's server also takes activities / num_steps.
-        body = Body(await read_json_object(request, allow_empty=True), ("output_dir",),
-                    ignored=("activities",), unsupported=("num_steps", "profile_by_stage", "with_stack",
-                                                          "record_shapes", "profile_id", "merge_profiles"),
-                    where="/start_profile request")
-        path = await asyncio.to_thread(engine.profiler.start, body.get("output_dir", STR))
+        Body(await read_json_object(request, allow_empty=True), (), ignored=("activities",),
+             unsupported=("output_dir", "num_steps", "profile_by_stage", "with_stack", "record_shapes", "profile_id",
+                          "merge_profiles"), where="/start_profile request")  # a client never picks a path
+        path = await asyncio.to_thread(engine.profiler.start)
         return json_response({"success": True, "message": f"profiling into {path}", "output_dir": path})
 
     async def stop_profile(request: Request) -> Response:
@@ -170,6 +170,7 @@ def native_routes(state: ServerState) -> list[Route]:
         Route("/health", health, methods=["GET"]),
         Route("/health_generate", health_generate, methods=["GET"]),
         Route("/flush_cache", flush_cache, methods=["POST", "GET"]),
+        Route("/clear_radix_cache", flush_cache, methods=["POST", "GET"]),  # the name some guides use
         Route("/abort_request", abort_request, methods=["POST"]),
         Route("/open_session", open_session, methods=["POST"]),
         Route("/close_session", close_session, methods=["POST"]),

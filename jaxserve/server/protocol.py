@@ -55,11 +55,26 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+async def read_body(request: Request) -> bytes:
+    """The raw body, refused with a 413 as soon as it passes the server's limit
+    (`--max-request-body-bytes`): by its Content-Length, or while it streams in."""
+    state = getattr(request.app.state, "server", None)
+    limit = state.args.max_request_body_bytes if state is not None else MAX_BODY_BYTES
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body has {declared} bytes; the limit is {limit} (--max-request-body-bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is over the limit of {limit} bytes (--max-request-body-bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_json_object(request: Request, *, allow_empty: bool = False) -> dict[str, Any]:
     """The request body as a JSON object; 4xx for empty, oversized, non-UTF-8 or non-JSON bodies."""
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body has {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    body = await read_body(request)
     if not body.strip():
         if allow_empty:
             return {}
