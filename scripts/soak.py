@@ -189,7 +189,7 @@ def main() -> int:
         sys.path.insert(0, os.path.dirname(__file__))
         from bench_host_overhead import tiny_model
 
-        args.model_path, args.minutes, args.clients, args.pool = tiny_model(tmp.name), 1 / 3, 8, 1024
+        args.model_path, args.minutes, args.clients, args.pool = tiny_model(tmp.name), 1 / 3, 8, 512
     engine = jaxserve.Engine(args.model_path, max_total_tokens=args.pool, context_length=512, max_running_requests=8,
                              max_prefill_tokens=256, chunked_prefill_size=256, session_timeout=5.0, max_sessions=32,
                              served_model_name="soak")
@@ -220,7 +220,7 @@ def main() -> int:
             if info["num_running_reqs"] == info["num_waiting_reqs"] == 0 and info["locked_pages"] <= info["session_pinned_pages"]:
                 break
             time.sleep(0.1)
-        time.sleep(engine.args.session_timeout + 1.5)  # let the reaper close the abandoned sessions
+        time.sleep(2 * engine.args.session_timeout + 1)  # the reaper (every timeout / 2) closes abandoned sessions
         info = http.get("/get_server_info").json()
         health = http.get("/health").status_code
     server.stop()
@@ -233,7 +233,8 @@ def main() -> int:
     checks.append(("free + evictable + locked == total, nothing locked",
                    info["free_pages"] + info["evictable_pages"] + info["locked_pages"] == info["total_pages"]
                    and info["locked_pages"] == 0, f"{info['free_pages']} + {info['evictable_pages']} + "
-                                                  f"{info['locked_pages']} of {info['total_pages']}"))
+                                                  f"{info['locked_pages']} of {info['total_pages']} "
+                                                  f"({info['session_pinned_pages']} pinned by sessions)"))
     checks.append(("no compilation after warm-up", info["compilations_after_warmup"] == 0,
                    str(info["compilations_after_warmup"])))
     checks.append((f"RSS growth after warm-up < {args.max_rss_growth_mb:.0f} MB", growth < args.max_rss_growth_mb,
