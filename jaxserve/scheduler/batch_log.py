@@ -22,30 +22,35 @@ class BatchLog:
         self.decode_tokens = 0
         self.since = time.monotonic()
 
-    def step(self, sched, rows) -> None:
-        """Account one launched step of `rows`; log when a line is due."""
-        if not logger.isEnabledFor(logging.INFO):
-            return
-        prefill = [r for r in rows if r.start < r.req.prompt_len]
+    def step(self, sched, rows, decode_only: bool) -> None:
+        """Account one launched step of `rows`; log when a line is due. A decode-only step
+        (the common one) costs two additions and a modulo: its rows are not looked at."""
+        prefill = [] if decode_only else [r for r in rows if r.start < r.req.prompt_len]
         if prefill:
-            first = [r for r in prefill if r.start == r.req.cached_tokens]  # a request's first chunk
-            logger.info("Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
-                        "#running-req: %d, #queue-req: %d", len(first), sum(r.chunk for r in prefill),
-                        sum(r.req.cached_tokens for r in first), _usage(sched), len(sched.running),
-                        len(sched.waiting))
+            if logger.isEnabledFor(logging.INFO):
+                first = [r for r in prefill if r.start == r.req.cached_tokens]  # a request's first chunk
+                logger.info("Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
+                            "#running-req: %d, #queue-req: %d", len(first), sum(r.chunk for r in prefill),
+                            sum(r.req.cached_tokens for r in first), _usage(sched), len(sched.running),
+                            len(sched.waiting))
             return
         self.decode_steps += 1
         self.decode_tokens += len(rows)
-        if self.decode_steps % DECODE_LOG_INTERVAL:
+        if self.decode_steps % DECODE_LOG_INTERVAL or not logger.isEnabledFor(logging.INFO):
             return
         now = time.monotonic()
         cache = sched.cache
         logger.info("Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): %.1f, "
-                    "#queue-req: %d", len(sched.running), cache.locked_pages * cache.page_size, _usage(sched),
+                    "#queue-req: %d", len(sched.running), _used_pages(sched) * cache.page_size, _usage(sched),
                     self.decode_tokens / max(now - self.since, 1e-9), len(sched.waiting))
         self.decode_tokens, self.since = 0, now
 
 
-def _usage(sched) -> float:
+def _used_pages(sched) -> int:
+    """Pages in use: private to running requests or locked in the tree (not free, not evictable)."""
     cache = sched.cache
-    return cache.locked_pages / max(cache.total_pages, 1)
+    return cache.total_pages - cache.free_pages - cache.evictable_pages
+
+
+def _usage(sched) -> float:
+    return _used_pages(sched) / max(sched.cache.total_pages, 1)

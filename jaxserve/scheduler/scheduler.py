@@ -199,7 +199,7 @@ class Scheduler:
         if not rows:
             return None
         batch = plan.build(self.runner)
-        self.batch_log.step(self, rows)
+        self.batch_log.step(self, rows, batch.layout.decode_only)
         self.times.forward_launched()
         dispatch = time.perf_counter()
         fwd = self.runner.forward(batch)
