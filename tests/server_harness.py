@@ -69,7 +69,7 @@ def assert_idle_accounting(client) -> dict:
         time.sleep(0.1)
     assert info["num_running_reqs"] == info["num_waiting_reqs"] == 0, info
     assert info["free_pages"] + info["evictable_pages"] + info["locked_pages"] == info["total_pages"], info
-    assert info["locked_pages"] == 0, info
+    assert info["locked_pages"] == info["private_pages"] == 0, info
     return info
 
 

@@ -101,6 +101,10 @@ def check_accounting(cache: HiRadixCache, hicache: HiCache) -> None:
         assert n.pages is not None or n.host is not None, "a node with its KV nowhere"
         if n.pages is not None and n.parent is not cache.root:
             assert n.parent.pages is not None, "a device node under a host-only one"
+    # the incremental shared-prefix counters against a walk of the tree
+    branches = [cache.depth(n) for n in nodes if len(n.children) >= 2]
+    assert cache.shared_nodes == len(branches)
+    assert cache.mean_shared_depth == (sum(branches) / len(branches) if branches else 0.0)
 
 
 @pytest.mark.parametrize("policy", ["write_through", "write_through_selective", "write_back"])

@@ -5,6 +5,7 @@ holding its last page, its LRU time and its lock count. It knows nothing of edge
 splits or heaps; eviction is checked against what LRU over that dict allows.
 """
 
+import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,6 +219,12 @@ class RadixModelMachine(RuleBasedStateMachine):
         assert not self.alloc.is_free(np.array(cached + owned, dtype=np.int64)).any()
         assert (c.hit_tokens, c.miss_tokens) == (self.hit, self.miss)
         assert sum(row.num_pages for row in export_tree(c)) == len(cached)
+        # shared prefixes: the cached page prefixes that two or more cached sequences extend
+        ps = self.PAGE_SIZE
+        extensions = collections.Counter(p[:-ps] for p in self.entries if len(p) > ps)
+        branches = [len(p) for p, k in extensions.items() if k >= 2]
+        assert c.shared_nodes == len(branches)
+        assert c.mean_shared_depth == (sum(branches) / len(branches) if branches else 0.0)
 
     def teardown(self):
         for req in self.running:

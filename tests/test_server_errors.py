@@ -7,10 +7,10 @@ import httpx
 import openai
 import pytest
 
-from tests.server_harness import assert_idle_accounting, running_server
+from tests.server_harness import assert_idle_accounting, http, running_server, server  # noqa: F401 (fixtures)
 
-KEY = "s3cret"
-AUTH = {"Authorization": f"Bearer {KEY}"}
+API_KEY = "s3cret"  # the harness's `server` and `http` fixtures use it
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 GEN = {"text": "hi", "sampling_params": {"max_new_tokens": 2}}
 
@@ -62,7 +62,7 @@ CASES = [
     ("POST", "/v1/completions", {"model": "tiny"}, 400, "`prompt` is required"),
     ("POST", "/v1/completions", {"model": "tiny", "prompt": []}, 400, "`prompt` must be"),
     ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 50}, 400,
-     "`logprobs` must be between 0 and 20"),
+     "`logprobs` must be an integer between 0 and 20"),
     ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "`suffix` is not supported"),
     ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "stop": 5}, 400, "stop must be a string"),
     ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "seed": -1}, 400, "seed must be >= 0"),
@@ -71,19 +71,16 @@ CASES = [
     ("POST", "/abort_request", {}, 400, "`rid` is required"),
     ("POST", "/close_session", {"session_id": "nope"}, 400, "no open session"),
     ("POST", "/open_session", {"capacity_of_str_len": "big"}, 400, "`capacity_of_str_len` must be an integer"),
+    # found by tests/test_server_fuzz.py
+    ("POST", "/v1/completions", {"model": "tiny", "prompt": [10**30], "echo": True}, 400,
+     "`prompt` token ids must be integers in [0, 49152)"),  # was a 500: echo decoded them first
+    ("POST", "/abort_request", {"rid": 7, "abort_all": True}, 400, "`rid` must be a string"),
+    ("POST", "/generate", {"text": "hi", "sampling_params": {"temperature": 1e300}}, 400,
+     "temperature must be at most 3.4e+38"),  # was inf in the float32 sampler
+    ("POST", "/generate", {"text": "hi", "sampling_params": {"logit_bias": {"5": -1e39}}}, 400,
+     "logit_bias must be biases at most"),
+    ("POST", "/generate", {"text": "hi", "input_ids": [5]}, 400, "exactly one of `text` and `input_ids`"),
 ]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory, api_key=KEY) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as c:
-        yield c
 
 
 def send(http, method, path, body):
@@ -103,7 +100,8 @@ def test_malformed_requests_get_clear_errors_then_a_good_one_works(http):
             failures.append(f"{method} {path} {body!r:.60}: {r.status_code} {r.text[:200]}")
     assert not failures, "\n".join(failures)
     good = http.post("/generate", json={"text": "still serving", "sampling_params": {"max_new_tokens": 3}})
-    assert good.status_code == 200 and good.json()["meta_info"]["completion_tokens"] == 3
+    assert good.status_code == 200, good.text
+    assert good.json()["meta_info"]["completion_tokens"] == 3
     chat = http.post("/v1/chat/completions", json=CHAT)
     assert chat.status_code == 200 and chat.json()["choices"][0]["finish_reason"] == "length"
     assert_idle_accounting(http)
@@ -120,7 +118,7 @@ def test_api_key_guards_every_route_but_health(server, http):
         assert r.status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
     assert client.chat.completions.create(**CHAT).usage.completion_tokens == 2
 
 

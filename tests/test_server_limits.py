@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -77,6 +80,56 @@ def test_sessions_bodies_and_prompts_are_bounded(server):
     engine = server.app.state.server.engine
     with pytest.raises(InvalidRequestError, match="characters, more than any"):
         engine.generate(prompt="y" * (engine._max_prompt_chars + 1))
+
+
+def test_a_client_that_stops_reading_holds_no_pages_and_loses_nothing(server):
+    """A streaming client that stops reading: the engine finishes the request and frees its
+    KV anyway (what waits for the client is its output, bounded by max_new_tokens), other
+    requests are served meanwhile, and when the client reads again it gets every token."""
+    body = {"input_ids": list(range(200, 230)),
+            "sampling_params": {"max_new_tokens": 200, "temperature": 0, "ignore_eos": True}}
+    expected = httpx.post(server.url + "/generate", json=body, timeout=120).json()["text"]
+    payload = json.dumps({**body, "stream": True}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, so the server's sends back up
+    sock.settimeout(120)
+    sock.connect((host, int(port)))
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+    received = sock.recv(1024)  # the headers and the first event, then nothing for a while
+    assert received.startswith(b"HTTP/1.1 200")
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        other = http.post("/generate", json=GEN)  # served while that client is stalled
+        assert other.status_code == 200 and other.json()["meta_info"]["completion_tokens"] == 64
+        deadline = time.monotonic() + 60
+        while True:  # the stalled request finishes in the engine and its pages are released
+            info = http.get("/get_server_info").json()
+            if info["num_running_reqs"] == 0 and info["locked_pages"] == info["private_pages"] == 0:
+                break
+            assert time.monotonic() < deadline, info
+            time.sleep(0.2)
+    chunks = [received]
+    while not b"".join(chunks).endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"):  # the rest, chunked
+        received = sock.recv(65536)
+        assert received, "the server closed the stream early"
+        chunks.append(received)
+    sock.close()
+    events = re.findall(rb"data: (\{.*?\})\n\n", _dechunk(b"".join(chunks)))
+    last = json.loads(events[-1])
+    assert last["meta_info"]["finish_reason"]["type"] == "length"
+    assert last["meta_info"]["completion_tokens"] == 200 and last["text"] == expected  # every token, in order
+
+
+def _dechunk(raw: bytes) -> bytes:
+    """The body of an HTTP/1.1 response in chunked transfer encoding."""
+    rest = raw.split(b"\r\n\r\n", 1)[1]
+    body = b""
+    while True:
+        size, rest = rest.split(b"\r\n", 1)
+        if int(size, 16) == 0:
+            return body
+        body, rest = body + rest[: int(size, 16)], rest[int(size, 16) + 2 :]
 
 
 def test_cli_aliases_and_a_mistyped_flag():

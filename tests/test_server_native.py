@@ -52,6 +52,27 @@ def test_info_routes(http, server):
     assert {"used_tokens", "num_running_reqs", "cache_hit_rate", "num_requests"} <= set(usage)
 
 
+def test_health_radix_stats_match_the_tree(http):
+    shared = list(range(300, 340))  # 40 tokens: two whole pages of 16 at least
+    for tail in ([1, 2, 3] * 6, [4, 5, 6] * 6, [7, 8] * 9):
+        http.post("/generate", json={"input_ids": shared + tail, "sampling_params": {"max_new_tokens": 1}})
+    summary = http.get("/health").json()["radix_cache"]
+    tree = http.get("/radix_tree").json()
+
+    def branches(node, depth):  # (depth in tokens) of every non-root node with two or more children
+        depth += node["num_tokens"]
+        own = [depth] if len(node["children"]) >= 2 and node is not tree["root"] else []
+        return own + [d for child in node["children"] for d in branches(child, depth)]
+
+    found = branches(tree["root"], 0)
+    assert summary["shared_prefix_nodes"] == len(found) >= 1
+    assert summary["mean_shared_prefix_tokens"] == round(sum(found) / len(found), 2)
+    count = lambda node: len(node["children"]) + sum(count(c) for c in node["children"])  # noqa: E731
+    assert summary["nodes"] == count(tree["root"])
+    tiers = summary["hit_rate_by_tier"]
+    assert set(tiers) == {"device"} and tiers["device"] == summary["hit_rate"] > 0
+
+
 def test_generate_fields(http):
     out = http.post("/generate", json={"text": "The sky is", "sampling_params": GREEDY, "rid": "fields-1"}).json()
     meta = out["meta_info"]
@@ -156,6 +177,12 @@ def test_abort_request_and_flush(http):
     thread = threading.Thread(target=run)
     thread.start()
     assert started.wait(30)
+    # the running request's pages count as used: its tail is outside the tree, neither locked nor free
+    usage = http.get("/get_token_usage").json()
+    assert usage["used_tokens"] == usage["total_tokens"] - usage["free_tokens"] - usage["cached_tokens"] > 0
+    pages = {labels[0][1]: v for (name, labels), v in metric_samples(http).items() if name == "jaxserve_kv_pages"}
+    assert pages["free"] + pages["evictable"] + pages["locked"] + pages["private"] == pages["total"]
+    assert pages["private"] > 0
     assert http.post("/abort_request", json={"rid": "to-abort"}).json()["aborted"] == 1
     thread.join(30)
     assert events[-1]["meta_info"]["finish_reason"]["type"] == "abort"

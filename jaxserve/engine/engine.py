@@ -214,14 +214,23 @@ class Engine:
                 "compilations_after_warmup": compile_count() - self.compiles_at_ready}
 
     def cache_summary(self) -> dict[str, Any]:
-        """A few radix-cache counters for `/health`, read without waiting for the scheduler
-        thread (each is one attribute read, so a probe never queues behind a step)."""
+        """Radix-cache counters for `/health`, read without waiting for the scheduler thread
+        (each is one attribute read, so a probe never queues behind a step): nodes, the
+        nodes where cached sequences branch (`shared_prefix_nodes`) and the mean length in
+        tokens of those shared prefixes, and for each tier the fraction of looked-up prompt
+        tokens it supplied (storage hits come up through the host, so they count in both)."""
         cache, hicache = self.scheduler.cache, self.scheduler.hicache
-        out = {"nodes": cache.num_nodes, "hit_rate": round(cache.hit_rate, 4), "device_hit_tokens": cache.hit_tokens}
+        looked_up = max(cache.hit_tokens + cache.miss_tokens, 1)
+        out = {"nodes": cache.num_nodes, "shared_prefix_nodes": cache.shared_nodes,
+               "mean_shared_prefix_tokens": round(cache.mean_shared_depth, 2), "hit_rate": round(cache.hit_rate, 4),
+               "device_hit_tokens": cache.hit_tokens}
+        tiers = {"device": cache.hit_tokens}
         if hicache is not None:
             page = cache.page_size
-            out.update(host_hit_tokens=hicache.counters["h2d_pages"] * page,
-                       storage_hit_tokens=hicache.counters["storage_read_pages"] * page)
+            host, storage = hicache.counters["h2d_pages"] * page, hicache.counters["storage_read_pages"] * page
+            out.update(host_hit_tokens=host, storage_hit_tokens=storage)
+            tiers.update(host=host, storage=storage)
+        out["hit_rate_by_tier"] = {tier: round(tokens / looked_up, 4) for tier, tokens in tiers.items()}
         return out
 
     def radix_tree(self, head: int = 16) -> dict[str, Any]:

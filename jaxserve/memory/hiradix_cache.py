@@ -106,8 +106,7 @@ class HiRadixCache(RadixCache):
         self._touch(node)
         if pos < len(key):
             leaf = RadixNode(next(self._ids), node, key[pos:], _own(pages[pos // self._page_bytes :]), self._clock)
-            node.children[key[pos : pos + self._page_bytes]] = leaf
-            self._nodes[leaf.id] = leaf
+            self._attach(leaf)
             self._evictable_pages += len(leaf.pages)
             self._offer(leaf)
             node = leaf
@@ -133,8 +132,7 @@ class HiRadixCache(RadixCache):
             return 0
         leaf = RadixNode(next(self._ids), node, key[pos:], None, self._clock)  # type: ignore[arg-type]
         leaf.host, leaf.hkeys = _own(host_pages[have:]), list(keys[have:])
-        node.children[key[pos : pos + self._page_bytes]] = leaf
-        self._nodes[leaf.id] = leaf
+        self._attach(leaf)
         self.host_evictable_pages += len(leaf.host)
         self._touch(leaf)
         return (len(key) - pos) // _TOKEN_BYTES
@@ -190,7 +188,7 @@ class HiRadixCache(RadixCache):
     def _remove(self, node: RadixNode) -> None:
         """Take `node` (device part already gone) and its host-only subtree out of the
         tree. Host pages under a copy in flight are freed when it settles."""
-        del node.parent.children[node.key[: self._page_bytes]]  # type: ignore[union-attr]
+        self._detach(node)
         stack = [node]
         while stack:
             n = stack.pop()

@@ -120,6 +120,10 @@ class RadixCache:
         self._heap: list[tuple[int, int, RadixNode]] = []
         self.hit_tokens = 0
         self.miss_tokens = 0
+        # Shared prefixes: nodes (not the root) with two or more children, and the sum of
+        # their depths in tokens; kept up to date by `_attach` / `_detach`.
+        self.shared_nodes = 0
+        self._shared_depth = 0
 
     # ----------------------------------------------------------------- lookup / insert
 
@@ -174,8 +178,7 @@ class RadixCache:
             own = pages[pos // self._page_bytes :].copy()  # [num_full - pos / page_bytes]
             own.setflags(write=False)  # match_prefix hands out views of it
             leaf = RadixNode(next(self._ids), node, key[pos:], own, self._clock)
-            node.children[key[pos : pos + self._page_bytes]] = leaf
-            self._nodes[leaf.id] = leaf
+            self._attach(leaf)
             self._evictable_pages += len(leaf.pages)
             self._offer(leaf)
             node = leaf
@@ -247,6 +250,44 @@ class RadixCache:
         first = int(diff[0]) if diff.size else n
         return first // self.page_size
 
+    def _attach(self, leaf: RadixNode) -> None:
+        """Hang a new leaf under its parent."""
+        parent = leaf.parent
+        parent.children[leaf.key[: self._page_bytes]] = leaf
+        self._nodes[leaf.id] = leaf
+        if len(parent.children) == 2 and parent is not self._root:
+            self.shared_nodes += 1
+            self._shared_depth += self.depth(parent)
+
+    def _detach(self, node: RadixNode) -> None:
+        """Take `node` off its parent (the caller drops it and its subtree from `_nodes`)."""
+        parent = node.parent
+        del parent.children[node.key[: self._page_bytes]]
+        if len(parent.children) == 1 and parent is not self._root:
+            self.shared_nodes -= 1
+            self._shared_depth -= self.depth(parent)
+        stack = [(node, self.depth(parent) + len(node.key) // _TOKEN_BYTES)]
+        while stack:  # shared nodes below it leave with it
+            n, depth = stack.pop()
+            if len(n.children) >= 2:
+                self.shared_nodes -= 1
+                self._shared_depth -= depth
+            stack.extend((c, depth + len(c.key) // _TOKEN_BYTES) for c in n.children.values())
+
+    def depth(self, node: RadixNode) -> int:
+        """Tokens from the root to the end of `node`."""
+        tokens = 0
+        while node is not self._root:
+            tokens += len(node.key) // _TOKEN_BYTES
+            node = node.parent  # type: ignore[assignment]
+        return tokens
+
+    @property
+    def mean_shared_depth(self) -> float:
+        """The average length in tokens of the prefixes two or more cached sequences share
+        (the depth of the nodes where they branch); 0 when none do."""
+        return self._shared_depth / self.shared_nodes if self.shared_nodes else 0.0
+
     def _split(self, child: RadixNode, at: int) -> RadixNode:
         """Split ``child``'s edge after ``at`` bytes (a page boundary); the new upper node
         is returned and ``child`` keeps the lower part, so handles to it stay valid."""
@@ -313,7 +354,7 @@ class RadixCache:
                 continue  # stale entry: touched, locked, grown or evicted since pushed
             parent = node.parent
             assert parent is not None
-            del parent.children[node.key[: self._page_bytes]]
+            self._detach(node)
             del self._nodes[node.id]
             node.parent = None
             freed.append(node.pages)

@@ -20,6 +20,14 @@ __all__ = ["SamplingParams"]
 # logits / temperature finite.
 _GREEDY_EPS = 1e-6
 _MAX_N = 128
+_F32_MAX = 3.4e38
+# The ranges `SamplingParams.validate` checks, as JSON Schema says them (max_new_tokens has
+# a per-server limit on top, and min_new_tokens may not pass it).
+_RANGES = {"max_new_tokens": {"minimum": 0}, "min_new_tokens": {"minimum": 0}, "n": {"minimum": 1, "maximum": _MAX_N},
+           "temperature": {"minimum": 0}, "top_p": {"exclusiveMinimum": 0, "maximum": 1}, "top_k": {"minimum": -1},
+           "min_p": {"minimum": 0, "maximum": 1}, "frequency_penalty": {"minimum": -2, "maximum": 2},
+           "presence_penalty": {"minimum": -2, "maximum": 2}, "repetition_penalty": {"exclusiveMinimum": 0},
+           "sampling_seed": {"minimum": 0}}
 
 
 def _type_name(value: Any) -> str:
@@ -130,6 +138,25 @@ class SamplingParams:
         return out
 
     @classmethod
+    def schema(cls) -> dict:
+        """The JSON Schema of a `sampling_params` object (what `/openapi.json` shows): the types
+        `__post_init__` checks and the ranges `validate` checks."""
+        strings = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+        props: dict[str, dict] = {name: {"type": "integer"} for name in cls._INT_FIELDS}
+        props |= {name: {"type": "number"} for name in cls._FLOAT_FIELDS}
+        props |= {name: {"type": "boolean"} for name in cls._BOOL_FIELDS}
+        props |= {name: {"type": "string"} for name in cls._OPT_STR_FIELDS}
+        props |= {"stop": strings, "stop_regex": strings, "sampling_seed": {"type": "integer"},
+                  "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                  "logit_bias": {"type": "object", "additionalProperties": {"type": "number"}},
+                  "json_schema": {"oneOf": [{"type": "string"}, {"type": "object"}]},
+                  "choice": {"type": "array", "items": {"type": "string"}}}
+        for name, bounds in _RANGES.items():
+            props[name] = {**props[name], **bounds}
+        assert set(props) == {f.name for f in dataclasses.fields(cls)}, "a field without a schema"
+        return {"type": "object", "properties": props, "additionalProperties": False}
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
         """Build from a request's ``sampling_params`` object; ``None`` values mean default."""
         if d is None:
@@ -175,6 +202,11 @@ class SamplingParams:
             raise bad("logit_bias", f"keyed by token ids in [0, {vocab_size})")
         if self.sampling_seed is not None and self.sampling_seed < 0:
             raise bad("sampling_seed", ">= 0")
+        for name in self._FLOAT_FIELDS:  # the sampler runs in float32: a larger value would become inf
+            if abs(getattr(self, name)) > _F32_MAX:
+                raise bad(name, f"at most {_F32_MAX:.1e} in magnitude")
+        if any(abs(v) > _F32_MAX for v in (self.logit_bias or {}).values()):
+            raise bad("logit_bias", f"biases at most {_F32_MAX:.1e} in magnitude")
 
     @property
     def is_greedy(self) -> bool:

@@ -394,6 +394,8 @@ class Scheduler:
             "num_running_reqs": len(self.running), "num_waiting_reqs": len(self.waiting),
             "free_pages": cache.free_pages, "evictable_pages": cache.evictable_pages,
             "locked_pages": cache.locked_pages, "total_pages": cache.total_pages,
+            # held by running requests outside the tree (their unfinished tails)
+            "private_pages": cache.total_pages - cache.free_pages - cache.evictable_pages - cache.locked_pages,
             "session_pinned_pages": self.book.pinned_pages,
             "cache_hit_rate": cache.hit_rate, "num_retractions": self.num_retractions,
             "num_steps": self.num_steps, **self.times.summary(),

@@ -11,13 +11,15 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jaxserve.config import ServerArgs
 from jaxserve.errors import EngineOverloadedError, EngineUnavailableError, InvalidRequestError
 from jaxserve.server.native import native_routes
 from jaxserve.server.openai_api import openai_routes
-from jaxserve.server.protocol import APIError, error_response
+from jaxserve.server.openapi import openapi_document
+from jaxserve.server.protocol import APIError, error_response, json_response
 from jaxserve.server.state import ServerState
 
 __all__ = ["create_app"]
@@ -65,8 +67,16 @@ def create_app(engine, args: ServerArgs | None = None) -> Starlette:
             state.metrics.requests.labels("error").inc()
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
+    routes = native_routes(state) + openai_routes(state)
+
+    async def openapi(request: Request) -> Response:
+        """This description."""
+        return json_response(document)
+
+    routes.append(Route("/openapi.json", openapi, methods=["GET"]))
+    document = openapi_document(routes, title=f"jaxserve ({state.model_name})", api_key=bool(args.api_key))
     app = Starlette(
-        routes=native_routes(state) + openai_routes(state),
+        routes=routes,
         exception_handlers={APIError: api_error, InvalidRequestError: invalid_request,
                             EngineUnavailableError: engine_unavailable, EngineOverloadedError: engine_overloaded,
                             HTTPException: http_error,

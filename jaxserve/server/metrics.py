@@ -127,11 +127,12 @@ class _EngineState:
         yield GaugeMetricFamily("jaxserve_num_waiting_reqs", "Requests queued for admission",
                                 value=info["num_waiting_reqs"])
         pages = GaugeMetricFamily("jaxserve_kv_pages", "KV cache pages by state", labels=["state"])
-        for state in ("free", "evictable", "locked", "total"):
+        for state in ("free", "evictable", "locked", "private", "total"):
             pages.add_metric([state], info[f"{state}_pages"])
         yield pages
-        used = info["locked_pages"] / max(info["total_pages"], 1)
-        yield GaugeMetricFamily("jaxserve_kv_usage_ratio", "Locked (in use) fraction of KV pages", value=used)
+        used = (info["locked_pages"] + info["private_pages"]) / max(info["total_pages"], 1)
+        yield GaugeMetricFamily("jaxserve_kv_usage_ratio", "Fraction of KV pages in use (locked in the tree or held "
+                                "by running requests)", value=used)
         yield GaugeMetricFamily("jaxserve_cache_hit_rate", "Radix cache hit rate", value=info["cache_hit_rate"])
         yield CounterMetricFamily("jaxserve_retractions", "Requests retracted to free KV pages",
                                   value=info["num_retractions"])

@@ -15,8 +15,9 @@ from starlette.routing import Route
 
 from jaxserve.errors import InvalidRequestError
 from jaxserve.server.openai_format import OpenAIFormatter
-from jaxserve.server.openai_protocol import OpenAIRequest, openai_message, parse_chat, parse_completion
-from jaxserve.server.protocol import APIError, json_response, read_json_object
+from jaxserve.server.openai_protocol import (CHAT, COMPLETION, OpenAIRequest, openai_message, parse_chat,
+                                             parse_completion)
+from jaxserve.server.protocol import APIError, accepts, json_response, read_json_object
 from jaxserve.server.sse import stream_response, until_disconnect
 from jaxserve.server.state import ServerState
 
@@ -30,14 +31,19 @@ def openai_routes(state: ServerState) -> list[Route]:
     started = int(time.time())
 
     async def models(request: Request) -> Response:
+        """The served model, as OpenAI's model list."""
         card = {"id": state.model_name, "object": "model", "created": started, "owned_by": "jaxserve",
                 "root": state.args.model_path or state.model_name, "max_model_len": state.engine.context_length}
         return json_response({"object": "list", "data": [card]})
 
+    @accepts(COMPLETION)
     async def completions(request: Request) -> Response:
+        """OpenAI text completions; JSON, or SSE with `stream`."""
         return await _serve(state, request, parse_completion)
 
+    @accepts(CHAT)
     async def chat_completions(request: Request) -> Response:
+        """OpenAI chat completions through the model's chat template; JSON, or SSE with `stream`."""
         return await _serve(state, request, parse_chat)
 
     return [

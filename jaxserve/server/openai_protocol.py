@@ -17,32 +17,66 @@ from typing import Any
 
 import jinja2
 
-from jaxserve.server.protocol import BOOL, INT, NUMBER, OBJECT, STR, APIError, Body, Kind
+from jaxserve.sampling.params import SamplingParams
+from jaxserve.server.protocol import (BOOL, INT, NUMBER, OBJECT, STR, APIError, Body, Kind, RequestModel,
+                                      checked_later, int_range, nested)
 from jaxserve.server.state import ServerState
 
-__all__ = ["OpenAIRequest", "parse_chat", "parse_completion", "openai_message"]
+__all__ = ["CHAT", "COMPLETION", "OpenAIRequest", "parse_chat", "parse_completion", "openai_message"]
 
-_ANY: Kind = (lambda v: True, "any value")  # the engine checks these and names the field
+_SAMPLING_SCHEMA = SamplingParams.schema()["properties"]
+
+
+def _sampling_kind(field: str, base: Kind) -> Kind:
+    """`base`'s check, with the schema (ranges included) of the sampling field it becomes."""
+    return Kind(base.check, base.what, _SAMPLING_SCHEMA[field])
+
+
+_STOP = checked_later(_SAMPLING_SCHEMA["stop"], "stop strings")
+_IDS = checked_later(_SAMPLING_SCHEMA["stop_token_ids"], "token ids")
 # OpenAI field -> (SGLang sampling_params field, kind)
-_SAMPLING = {
+_SAMPLING = {name: (field, _sampling_kind(field, kind)) for name, (field, kind) in {
     "temperature": ("temperature", NUMBER), "top_p": ("top_p", NUMBER),
     "presence_penalty": ("presence_penalty", NUMBER), "frequency_penalty": ("frequency_penalty", NUMBER),
-    "seed": ("sampling_seed", INT), "stop": ("stop", _ANY), "logit_bias": ("logit_bias", OBJECT),
+    "seed": ("sampling_seed", INT), "stop": ("stop", _STOP), "logit_bias": ("logit_bias", OBJECT),
     # extensions (SGLang, vLLM)
     "top_k": ("top_k", INT), "min_p": ("min_p", NUMBER), "repetition_penalty": ("repetition_penalty", NUMBER),
     "ignore_eos": ("ignore_eos", BOOL), "min_tokens": ("min_new_tokens", INT),
-    "stop_token_ids": ("stop_token_ids", _ANY), "skip_special_tokens": ("skip_special_tokens", BOOL),
+    "stop_token_ids": ("stop_token_ids", _IDS), "skip_special_tokens": ("skip_special_tokens", BOOL),
     "spaces_between_special_tokens": ("spaces_between_special_tokens", BOOL),
     "no_stop_trim": ("no_stop_trim", BOOL), "regex": ("regex", STR), "ebnf": ("ebnf", STR),
-}
-_COMMON = ("model", "max_tokens", "n", "stream", "stream_options", "rid", *_SAMPLING)
+}.items()}
+_MAX_TOKENS = _sampling_kind("max_new_tokens", INT)
+STREAM_OPTIONS = RequestModel("StreamOptions", "the stream_options", {"include_usage": BOOL},
+                              ignored=("continuous_usage_stats", "include_obfuscation"))
+_RESPONSE_FORMAT = Kind(OBJECT.check, OBJECT.what, {"type": "object", "properties": {
+    "type": {"enum": ["text", "json_object", "json_schema"]},
+    "json_schema": {"type": "object", "properties": {"name": {"type": "string"}, "schema": {"type": "object"}}}},
+    "required": ["type"]})
+_COMMON = {"model": STR, "max_tokens": _MAX_TOKENS, "n": _sampling_kind("n", INT), "stream": BOOL,
+           "stream_options": nested(STREAM_OPTIONS), "rid": STR, "response_format": _RESPONSE_FORMAT, **{name: kind for name, (_, kind) in _SAMPLING.items()}}
 _IGNORED = ("user", "store", "metadata", "service_tier")
-_COMPLETION_FIELDS = (*_COMMON, "prompt", "logprobs", "echo", "best_of", "response_format")
-_CHAT_FIELDS = (*_COMMON, "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
-                "chat_template_kwargs")
-_CHAT_IGNORED = (*_IGNORED, "parallel_tool_calls", "tool_choice")
-_CHAT_UNSUPPORTED = ("tools", "functions", "function_call", "audio", "modalities", "prediction",
-                     "web_search_options")
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_IDS_OR_TEXT = [{"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                _TOKEN_IDS, {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]
+COMPLETION = RequestModel("CompletionRequest", "the /v1/completions request", {
+    **_COMMON, "prompt": checked_later({"oneOf": _IDS_OR_TEXT}, "text, texts, token ids or lists of token ids"),
+    "logprobs": int_range(0, 20), "echo": BOOL, "best_of": _sampling_kind("n", INT),
+}, required=("model", "prompt"), ignored=_IGNORED, unsupported=("suffix",))
+_TEXT_PART = {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+              "required": ["type", "text"]}
+_MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
+    "role": {"type": "string", "minLength": 1},
+    # null only in an assistant turn with tool_calls
+    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]}}}
+CHAT = RequestModel("ChatCompletionRequest", "the /v1/chat/completions request", {
+    **_COMMON, "messages": checked_later({"type": "array", "items": _MESSAGE, "minItems": 1},
+                                         "rendered by the chat template"),
+    "max_completion_tokens": _MAX_TOKENS, "logprobs": BOOL, "top_logprobs": int_range(0, 20),
+    "chat_template_kwargs": OBJECT,
+}, required=("model", "messages"), ignored=(*_IGNORED, "parallel_tool_calls", "tool_choice"),
+    unsupported=("tools", "functions", "function_call", "audio", "modalities", "prediction", "web_search_options"))
 
 # Engine messages name SGLang fields; OpenAI clients know them by these names.
 _RENAMES = (("sampling_params.max_new_tokens", "max_tokens"), ("max_new_tokens", "max_tokens"),
@@ -75,21 +109,20 @@ class OpenAIRequest:
 async def parse_completion(data: dict, state: ServerState) -> OpenAIRequest:
     """A `/v1/completions` body. Text prompts go to the engine as text (it tokenizes them off
     the event loop)."""
-    body = Body(data, _COMPLETION_FIELDS, ignored=_IGNORED, unsupported=("suffix",),
-                where="/v1/completions request")
+    body = COMPLETION.parse(data)
     model, n, stream, include_usage = _common(body, state)
-    field, prompts = _completion_prompts(body.data.get("prompt"))
-    best_of = body.get("best_of", INT)
+    field, prompts = _completion_prompts(body.get("prompt"))
+    best_of = body.get("best_of")
     if best_of is not None and best_of != n:
         raise APIError(400, f"`best_of` ({best_of}) other than `n` ({n}) is not supported", param="best_of")
-    top = body.get_int_range("logprobs", 0, 20)
-    echo = body.get("echo", BOOL, False)
-    sampling = {**_sampling(body, n), **_response_format(body), "max_new_tokens": body.get("max_tokens", INT, 16)}
+    top = body.get("logprobs")
+    echo = body.get("echo", False)
+    sampling = {**_sampling(body, n), **_response_format(body), "max_new_tokens": body.get("max_tokens", 16)}
     rid = _rid(body, "cmpl")
     echo_texts = None
     if echo:  # token-id prompts echo as their text, decoded off the loop
-        echo_texts = prompts if field == "prompt" else await asyncio.to_thread(_decode_all, state.engine.tokenizer,
-                                                                                prompts)
+        echo_texts = prompts if field == "prompt" else await asyncio.to_thread(
+            _decode_all, state.engine.tokenizer, prompts, state.engine.model.config.vocab_size)
     prepare = {field: prompts, "sampling_params": sampling,
                "rid": [rid] if len(prompts) == 1 else [f"{rid}-p{i}" for i in range(len(prompts))],
                "return_logprob": top is not None, "top_logprobs_num": top or 0,
@@ -100,21 +133,17 @@ async def parse_completion(data: dict, state: ServerState) -> OpenAIRequest:
 async def parse_chat(data: dict, state: ServerState) -> OpenAIRequest:
     """A `/v1/chat/completions` body; the messages go through the model's chat template, in a
     worker thread (rendering and tokenizing a long conversation must not stall the loop)."""
-    body = Body(data, _CHAT_FIELDS, ignored=_CHAT_IGNORED, unsupported=_CHAT_UNSUPPORTED,
-                where="/v1/chat/completions request")
+    body = CHAT.parse(data)
     model, n, stream, include_usage = _common(body, state)
-    if "messages" not in data:
-        raise APIError(400, "`messages` is required", param="messages")
-    kwargs = body.get("chat_template_kwargs", OBJECT, {})
+    kwargs = body.get("chat_template_kwargs", {})
     if {"messages", "add_generation_prompt", "tokenize"} & set(kwargs):
         raise APIError(400, "chat_template_kwargs may not set messages, add_generation_prompt or tokenize",
                        param="chat_template_kwargs")
-    logprobs = body.get("logprobs", BOOL, False)
-    top = body.get_int_range("top_logprobs", 0, 20)
+    logprobs = body.get("logprobs", False)
+    top = body.get("top_logprobs")
     if top and not logprobs:
         raise APIError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs")
-    max_tokens = body.get("max_completion_tokens", INT) if data.get("max_completion_tokens") is not None \
-        else body.get("max_tokens", INT)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     sampling = {**_sampling(body, n), **_response_format(body)}
     rid = _rid(body, "chatcmpl")
     try:
@@ -130,32 +159,28 @@ async def parse_chat(data: dict, state: ServerState) -> OpenAIRequest:
 
 
 def _common(body: Body, state: ServerState) -> tuple[str, int, bool, bool]:
-    model = body.get("model", STR, required=True)
+    model = body.get("model")
     if not state.accepts_model(model):
         raise APIError(404, f"the model `{model}` does not exist; this server serves `{state.model_name}`",
                        param="model", code="model_not_found")
-    n = body.get("n", INT, 1)
-    stream = body.get("stream", BOOL, False)
-    options = body.get("stream_options", OBJECT)
-    include_usage = False
-    if options is not None:
-        opts = Body(options, ("include_usage",), ignored=("continuous_usage_stats", "include_obfuscation"),
-                    where="stream_options")
-        include_usage = opts.get("include_usage", BOOL, False)
+    n = body.get("n", 1)
+    stream = body.get("stream", False)
+    options = STREAM_OPTIONS.parse(body.get("stream_options", {}))
+    include_usage = options.get("include_usage", False)
     return model, n, stream, include_usage
 
 
 def _sampling(body: Body, n: int) -> dict[str, Any]:
     params: dict[str, Any] = {"n": n}
     for name, (field, kind) in _SAMPLING.items():
-        value = body.get(name, kind)
+        value = body.get(name)
         if value is not None:
             params[field] = value
     return params
 
 
 def _response_format(body: Body) -> dict[str, Any]:
-    fmt = body.get("response_format", OBJECT)
+    fmt = body.get("response_format")
     if fmt is None or fmt.get("type") == "text":
         return {}
     if fmt.get("type") == "json_object":
@@ -185,9 +210,15 @@ def _completion_prompts(prompt: Any) -> tuple[str, list]:
                         "lists (non-empty)", param="prompt")
 
 
-def _decode_all(tokenizer, id_lists: list[list[int]]) -> list[str]:
+def _decode_all(tokenizer, id_lists: list[list[int]], vocab: int) -> list[str]:
+    if not all(_is_token(t, vocab) for ids in id_lists for t in ids):  # checked here before the engine sees them
+        raise APIError(400, f"`prompt` token ids must be integers in [0, {vocab})", param="prompt")
     return [tokenizer.decode(ids) for ids in id_lists]
 
 
+def _is_token(t: Any, vocab: int) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+
+
 def _rid(body: Body, prefix: str) -> str:
-    return body.get("rid", STR) or f"{prefix}-{uuid.uuid4().hex}"
+    return body.get("rid") or f"{prefix}-{uuid.uuid4().hex}"

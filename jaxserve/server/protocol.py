@@ -1,22 +1,24 @@
 """The HTTP edge: reading JSON bodies, typed field access, and the one error shape.
 
-Every route answers errors as `{"error": {"message", "type", "param", "code"}}` (OpenAI's
+Request bodies are read through `RequestModel`s, which `/openapi.json` also describes. Every
+route answers errors as `{"error": {"message", "type", "param", "code"}}` (OpenAI's
 shape; SGLang's clients only look at the status and `message`). A handler raises
 `APIError`; the engine's `InvalidRequestError` becomes a 400 with the engine's message.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 __all__ = [
-    "APIError", "Body", "BOOL", "INT", "NUMBER", "OBJECT", "STR", "error_response", "json_response",
-    "read_json_object",
+    "APIError", "Body", "BOOL", "accepts", "INT", "Kind", "NUMBER", "OBJECT", "RequestModel", "STR", "checked_later",
+    "error_response", "int_range", "json_response", "nested", "read_json_object",
 ]
 
 MAX_BODY_BYTES = 64 << 20  # far above any prompt a context window holds; stops runaway uploads
@@ -104,52 +106,126 @@ def _json_type(value: Any) -> str:
     return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
-# A field kind: (predicate, what the message calls it).
-Kind = tuple[Callable[[Any], bool], str]
-STR: Kind = (lambda v: isinstance(v, str), "a string")
-INT: Kind = (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
-BOOL: Kind = (lambda v: isinstance(v, bool), "a boolean")
-NUMBER: Kind = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number")
-OBJECT: Kind = (lambda v: isinstance(v, dict), "an object")
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What one field holds: the check, how an error message names it, and its JSON Schema
+    (what `/openapi.json` says). A kind whose `check` accepts anything documents a field the
+    engine checks itself."""
+
+    check: Callable[[Any], bool]
+    what: str
+    schema: dict = dataclasses.field(default_factory=dict)
+
+
+STR = Kind(lambda v: isinstance(v, str), "a string", {"type": "string"})
+INT = Kind(_is_int, "an integer", {"type": "integer"})
+BOOL = Kind(lambda v: isinstance(v, bool), "a boolean", {"type": "boolean"})
+NUMBER = Kind(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number",
+              {"type": "number"})
+OBJECT = Kind(lambda v: isinstance(v, dict), "an object", {"type": "object"})
+
+
+def int_range(low: int, high: int) -> Kind:
+    return Kind(lambda v: _is_int(v) and low <= v <= high, f"an integer between {low} and {high}",
+                {"type": "integer", "minimum": low, "maximum": high})
+
+
+def checked_later(schema: dict, description: str) -> Kind:
+    """A field passed on as it is (the engine checks it and names it in its message)."""
+    return Kind(lambda v: True, "any value", {**schema, "description": description})
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestModel:
+    """The JSON object a route accepts. Handlers read bodies through it (`parse`) and
+    `/openapi.json` describes it (`json_schema`), so the two cannot drift apart.
+
+    `ignored` fields are accepted and dropped (clients send them; they change nothing here);
+    `unsupported` fields are accepted only when null, false or empty, so a client that sends
+    its defaults works, and one that relies on a feature we lack is told so. `open` models
+    take any field (routes that read nothing from the body); `empty_ok` ones take no body.
+    """
+
+    name: str
+    where: str  # how messages name the body: "the /generate request"
+    fields: dict[str, Kind] = dataclasses.field(default_factory=dict)
+    required: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+    unsupported: tuple[str, ...] = ()
+    exactly_one: tuple[str, ...] = ()  # exactly one of these fields is given (and not null)
+    open: bool = False
+    empty_ok: bool = False  # an empty body reads as {}
+
+    async def read(self, request: Request) -> "Body":
+        """The request's body, read and checked against this model."""
+        return self.parse(await read_json_object(request, allow_empty=self.empty_ok))
+
+    def parse(self, data: dict[str, Any]) -> "Body":
+        return Body(data, self)
+
+    def json_schema(self) -> dict:
+        props = {name: kind.schema for name, kind in self.fields.items()}
+        props.update({name: {"description": "accepted and ignored"} for name in self.ignored})
+        props.update({name: {"enum": [None, False, [], {}], "description": "not supported: only null, false or empty"}
+                      for name in self.unsupported})
+        schema = {"type": "object", "properties": props, "additionalProperties": self.open}
+        if self.required:
+            schema["required"] = list(self.required)
+        if self.exactly_one:
+            schema["oneOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                               for name in self.exactly_one]
+        return schema
+
+
+def nested(model: RequestModel) -> Kind:
+    """An object field that is itself a request model (checked with `model.parse`)."""
+    return Kind(lambda v: isinstance(v, dict), "an object", model.json_schema())
+
+
+def accepts(model: RequestModel) -> Callable:
+    """Marks a route's endpoint with the model of its body (what `/openapi.json` shows)."""
+    def mark(endpoint: Callable) -> Callable:
+        endpoint.request_model = model
+        return endpoint
+    return mark
 
 
 class Body:
-    """A request object with a fixed set of known fields; unknown fields are refused.
+    """A request object read through its `RequestModel`: unknown fields, unsupported features
+    and missing required fields are refused up front; `get` checks each field's kind."""
 
-    `ignored` fields are accepted and dropped (clients send them; they change nothing here);
-    `unsupported` fields are accepted only when null or false, so a client that sends its
-    defaults works, and one that relies on a feature we lack is told so.
-    """
-
-    def __init__(self, data: dict[str, Any], known: Iterable[str], *, ignored: Iterable[str] = (),
-                 unsupported: Iterable[str] = (), where: str = "request"):
-        self.data = data
-        known, ignored, unsupported = set(known), set(ignored), set(unsupported)
-        unknown = sorted(set(data) - known - ignored - unsupported)
+    def __init__(self, data: dict[str, Any], model: RequestModel):
+        self.data, self.model = data, model
+        if model.open:
+            return
+        known = set(model.fields) | set(model.ignored)
+        unknown = sorted(set(data) - known - set(model.unsupported))
         if unknown:
-            raise APIError(400, f"unknown field(s) {unknown} in the {where}; valid fields are: "
-                                f"{', '.join(sorted(known | ignored))}", param=unknown[0])
-        for name in sorted(unsupported & set(data)):
+            raise APIError(400, f"unknown field(s) {unknown} in {model.where}; valid fields are: "
+                                f"{', '.join(sorted(known))}", param=unknown[0])
+        for name in sorted(set(model.unsupported) & set(data)):
             if data[name] not in (None, False, [], {}):
                 raise APIError(400, f"`{name}` is not supported by this server", param=name)
+        for name in model.required:
+            if data.get(name) is None:
+                raise APIError(400, f"`{name}` is required", param=name)
+        if model.exactly_one and sum(data.get(name) is not None for name in model.exactly_one) != 1:
+            raise APIError(400, f"give exactly one of {' and '.join(f'`{n}`' for n in model.exactly_one)}")
 
-    def get(self, name: str, kind: Kind, default: Any = None, *, required: bool = False) -> Any:
-        """The field's value, `default` when absent or null; 400 when of the wrong type."""
+    def get(self, name: str, default: Any = None, *, required: bool = False) -> Any:
+        """The field's value, `default` when absent or null; 400 when not of the field's kind."""
+        kind = self.model.fields[name]
         value = self.data.get(name)
         if value is None:
             if required:
                 raise APIError(400, f"`{name}` is required", param=name)
             return default
-        check, what = kind
-        if not check(value):
-            raise APIError(400, f"`{name}` must be {what}, got {_describe(value)}", param=name)
-        return value
-
-    def get_int_range(self, name: str, low: int, high: int, default: Any = None) -> Any:
-        """An integer field that must lie in [low, high]."""
-        value = self.get(name, INT, default)
-        if value is not None and not low <= value <= high:
-            raise APIError(400, f"`{name}` must be between {low} and {high}, got {value}", param=name)
+        if not kind.check(value):
+            raise APIError(400, f"`{name}` must be {kind.what}, got {_describe(value)}", param=name)
         return value
 
 
