@@ -21,8 +21,10 @@ def prompts():
 
 
 def make_engine(tiny_dir, **kw):
+    # One persistent compilation cache for every engine of the session: those of the same
+    # shapes (radix cache off, overlap off, the same pool) compile nothing.
     args = dict(max_running_requests=16, max_prefill_tokens=128, chunked_prefill_size=128, context_length=256,
-                dtype="float32")
+                dtype="float32", compilation_cache_dir=str(tiny_dir.parent / "engine-jax-cache"))
     return jaxserve.Engine(str(tiny_dir), **{**args, **kw})
 
 
