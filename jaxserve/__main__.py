@@ -19,7 +19,10 @@ def _serve(args) -> None:
     logging.getLogger().setLevel(server_args.log_level.upper())
     if args.trust_remote_code:
         logging.info("--trust-remote-code is accepted and ignored: jaxserve runs no model code from the hub")
-    serve(server_args, shutdown_timeout=args.shutdown_timeout)
+    try:
+        serve(server_args, shutdown_timeout=args.shutdown_timeout)
+    except FileNotFoundError as e:  # --model-path: the message says where it looked
+        sys.exit(f"error: {e}")
 
 
 def _convert(args) -> None:

@@ -63,6 +63,7 @@ def test_sigterm_drains_and_exits_0(tmp_path_factory):
             except queue.Empty:
                 pass
         assert f"jaxserve ready at {url}" in "".join(log)
+        assert "loading weights: 100%" in "".join(log) and "compiling step buckets: 100%" in "".join(log)
         assert httpx.get(url + "/health").status_code == 200
 
         short, long = {}, {}

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
 from jaxserve import sampling, sharding
 from jaxserve.constrained import mask_words
@@ -286,7 +287,7 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Compile every program for every bucket."""
-        for n in self.buckets:
+        for n in tqdm(self.buckets, desc="compiling step buckets", unit="bucket"):
             seqs = self.max_seqs(n)
             shapes = [False, True] if seqs == n else [False]  # decode-only steps need T == S
             for decode_only in shapes:

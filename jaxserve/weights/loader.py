@@ -17,7 +17,7 @@ from jaxserve import sharding
 from jaxserve.models.batch import ForwardBatch
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.registry import model_class
-from jaxserve.weights import checkpoint, hf, gguf_file
+from jaxserve.weights import checkpoint, gguf_file, hf, hub
 from jaxserve.weights.params import hf_to_params
 
 logger = logging.getLogger(__name__)
@@ -26,12 +26,16 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def resolve_model_path(model_path: str | Path | None) -> Path:
-    """`None` is the bundled SmolLM2-135M-Instruct GGUF; anything else must exist."""
+    """`None` is the bundled SmolLM2-135M-Instruct GGUF; a path that does not exist but
+    reads `org/name` is a Hugging Face Hub repository (`hub.py`); anything else must exist."""
     if model_path is None:
         return gguf_file.bundled_model_path()
     path = Path(model_path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"--model-path {path} does not exist (a HF directory, a .gguf file or a converted dir)")
+        if hub.looks_like_repo_id(str(model_path)):
+            return hub.resolve_repo(str(model_path))
+        raise FileNotFoundError(f"--model-path {path} does not exist (a HF directory, a .gguf file, a converted "
+                                "dir, or a Hugging Face Hub id org/name)")
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from tqdm import tqdm
 
 from jaxserve.models.config import ModelConfig
 
@@ -38,7 +39,7 @@ def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype) -> dic
     if not cfg.tie_word_embeddings:
         _set(params, ("lm_head", "kernel"), get("lm_head.weight", transpose=True))
     specs = _LAYER_PARAMS + (_BIAS_PARAMS if cfg.attention_bias else []) + (_QK_NORM_PARAMS if cfg.qk_norm else [])
-    for path, hf_name, transpose in specs:
+    for path, hf_name, transpose in tqdm(specs, desc="loading weights", unit="weight"):
         stacked = np.stack([get(f"model.layers.{i}.{hf_name}", transpose) for i in range(cfg.num_layers)])
         _set(params, ("layers", *path), stacked)
     return params
