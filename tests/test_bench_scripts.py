@@ -1,4 +1,4 @@
-"""The engine benchmarks run end to end in their --quick mode, so they cannot rot."""
+"""The engine benchmarks and the soak run end to end in their --quick mode, so they cannot rot."""
 
 import os
 import subprocess
@@ -14,6 +14,7 @@ import pytest
     ("scripts/bench_prefill.py", "one long prompt tok/s"),
     ("scripts/bench_constrained.py", "constrained/unconstrained throughput ratio"),
     ("scripts/bench_lang.py", "lang speed-up over raw calls"),
+    ("scripts/soak.py", "soak: ok"),  # mixed hostile load on a real server; exits 1 if a check fails
 ])
 def test_bench_quick(script, expect, tmp_path_factory):
     # One persistent compilation cache for every script: their engines share many shapes.

@@ -59,6 +59,16 @@ def compile_count() -> int:
     return _compiles[0]
 
 
+_MIXED_FLOOR = 8  # the smallest step that prefills; below it, decode steps only
+
+
+def smallest_bucket(backend: str) -> int:
+    """The smallest step: 1 token on CPU, where a step's cost grows with its rows from the
+    first one (a single stream pads to nothing); 8 on accelerators, where up to 8 rows cost
+    what one does and the kernels' tiles are at least that tall."""
+    return 1 if backend == "cpu" else _MIXED_FLOOR
+
+
 def token_buckets(max_tokens: int, extra: int, smallest: int = 8) -> list[int]:
     """Powers of two from `smallest` up to `max_tokens`, plus `max_tokens` and `extra`
     (the decode batch of `max_running_requests`)."""
@@ -106,7 +116,7 @@ class ModelRunner:
         self.num_pages = num_pages
         self.max_running = max_running
         self.page_size = model.page_size
-        self.buckets = token_buckets(max_step_tokens, max_running)
+        self.buckets = token_buckets(max_step_tokens, max_running, smallest_bucket(jax.default_backend()))
         self.context_length = context_length
         self.pages_per_seq = -(-context_length // model.page_size)
         self.vocab = model.config.vocab_size
@@ -139,8 +149,17 @@ class ModelRunner:
     def max_seqs(self, num_tokens: int) -> int:
         return min(num_tokens, self.max_running)
 
-    def bucket(self, num_tokens: int) -> int:
-        return next(b for b in self.buckets if b >= num_tokens)
+    def bucket(self, num_tokens: int, decode: bool = False) -> int:
+        """The step size for `num_tokens` tokens. Buckets below 8 are compiled for decode
+        steps only (one token per sequence, T == S): a step that prefills pads to 8."""
+        return next(b for b in self.buckets if b >= num_tokens and (self._mixed(b) or decode and self._decode_only(b)))
+
+    def _mixed(self, num_tokens: int) -> bool:
+        """Whether the bucket also runs steps that prefill."""
+        return num_tokens >= min(_MIXED_FLOOR, self.buckets[-1])
+
+    def _decode_only(self, num_tokens: int) -> bool:
+        return self.max_seqs(num_tokens) == num_tokens
 
     def max_updates(self, num_tokens: int) -> int:
         return max_page_updates(num_tokens, self.max_seqs(num_tokens), self.page_size)
@@ -289,7 +308,10 @@ class ModelRunner:
         """Compile every program for every bucket."""
         for n in tqdm(self.buckets, desc="compiling step buckets", unit="bucket"):
             seqs = self.max_seqs(n)
-            shapes = [False, True] if seqs == n else [False]  # decode-only steps need T == S
+            shapes = [False] if self._mixed(n) else []
+            shapes += [True] if self._decode_only(n) else []  # decode-only steps need T == S
+            if not shapes:
+                continue  # a small bucket no decode step can use
             for decode_only in shapes:
                 fwd = self.forward(StepBatch(Layout(n, seqs, self.max_updates(n), decode_only)))
             self.sample(fwd)

@@ -88,7 +88,7 @@ class StepPlan:
             if r.start >= req.num_tokens:  # the token sampled last step, still on the device
                 placeholders.append(t)
             t += r.chunk
-        num_tokens = runner.bucket(t)
+        num_tokens = runner.bucket(t, decode=t == len(rows))
         max_seqs = runner.max_seqs(num_tokens)
         decode_only = max_seqs == num_tokens and t == len(rows)  # the decode path needs T == S
         batch = StepBatch(Layout(num_tokens, max_seqs, runner.max_updates(num_tokens), decode_only))
