@@ -3,7 +3,7 @@ checks that nothing was lost and nothing leaked.
 
     python scripts/soak.py --minutes 20 --clients 16
 
-One engine (SmolLM2 unless `--model-path`; `--quick`: a tiny random model for about 20
+One engine (SmolLM2 unless `--model-path`; `--quick`: a tiny random model for about 12
 seconds, what the suite runs) behind a real HTTP server on 127.0.0.1, with a KV pool of
 `--pool` tokens, so prefixes are evicted and requests retracted all the time. `--clients`
 async clients loop until the deadline, each picking at random:
@@ -182,14 +182,14 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--max-rss-growth-mb", type=float, default=256.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a tiny random model for about 20 s (the suite)")
+    parser.add_argument("--quick", action="store_true", help="a tiny random model for about 12 s (the suite)")
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory()
     if args.quick:
         sys.path.insert(0, os.path.dirname(__file__))
         from bench_host_overhead import tiny_model
 
-        args.model_path, args.minutes, args.clients, args.pool = tiny_model(tmp.name), 1 / 3, 8, 512
+        args.model_path, args.minutes, args.clients, args.pool = tiny_model(tmp.name), 1 / 5, 8, 512
     engine = jaxserve.Engine(args.model_path, max_total_tokens=args.pool, context_length=512, max_running_requests=8,
                              max_prefill_tokens=256, chunked_prefill_size=256, session_timeout=5.0, max_sessions=32,
                              served_model_name="soak")

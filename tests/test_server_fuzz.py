@@ -21,7 +21,7 @@ from tests.server_harness import assert_idle_accounting, http, server  # noqa: F
 API_KEY = "fuzz-key"  # the harness's `server` and `http` fixtures use it
 CAPS = {"max_new_tokens": 4, "max_tokens": 4, "max_completion_tokens": 4, "n": 3, "best_of": 3}
 # The suite draws the same bodies every run; JAXSERVE_FUZZ_EXAMPLES=200 JAXSERVE_FUZZ_RANDOM=1 explores.
-EXAMPLES = int(os.environ.get("JAXSERVE_FUZZ_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("JAXSERVE_FUZZ_EXAMPLES", "8"))
 DERANDOMIZE = not os.environ.get("JAXSERVE_FUZZ_RANDOM")
 SKIP = {"/start_profile", "/stop_profile"}  # a profiler trace per example: covered by the native tests
 
