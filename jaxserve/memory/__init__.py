@@ -5,7 +5,8 @@ from jaxserve.memory.allocator import OutOfPagesError, PageAllocator, PageFreeEr
 from jaxserve.memory.hicache import HiCache
 from jaxserve.memory.hiradix_cache import HiRadixCache, TierMatch
 from jaxserve.memory.host_pool import HostKVPool, HostPoolSizeError, host_pool_pages
-from jaxserve.memory.radix_cache import NoRadixCache, RadixCache, RadixNode, token_key
+from jaxserve.memory.no_radix_cache import NoRadixCache
+from jaxserve.memory.radix_cache import RadixCache, RadixNode, token_key
 from jaxserve.memory.radix_view import NodeInfo, export_tree, pretty_tree
 from jaxserve.memory.sizing import (
     KVPoolSize,

@@ -48,7 +48,7 @@ import numpy as np
 
 from jaxserve.memory.allocator import PageAllocator
 
-__all__ = ["NoRadixCache", "RadixCache", "RadixNode", "token_key"]
+__all__ = ["RadixCache", "RadixNode", "token_key"]
 
 _TOKEN_BYTES = 4  # keys are int32 token ids
 _EMPTY_PAGES = np.zeros(0, dtype=np.int32)
@@ -430,25 +430,3 @@ class RadixCache:
         """The root node (for inspection: `radix_view.py`)."""
         return self._root
 
-
-class NoRadixCache(RadixCache):
-    """``--disable-radix-cache``: the same interface over a tree that stays empty.
-
-    ``match_prefix`` never matches (and counts every token as a miss); ``insert`` keeps
-    nothing and reports every whole page as already present, so the caller's usual
-    "free my pages in ``[len(matched), present // page_size)``" frees all of them. The
-    node handed out is the root, for which ``lock`` / ``unlock`` are no-ops; ``evict``
-    and ``flush`` free nothing. At idle ``free_pages == total_pages``.
-    """
-
-    def match_prefix(self, tokens: np.ndarray | Sequence[int]) -> tuple[np.ndarray, RadixNode]:
-        self.miss_tokens += len(tokens)
-        self._root.hits += 1
-        return _EMPTY_PAGES, self._root
-
-    def peek_prefix(self, tokens: np.ndarray | Sequence[int]) -> int:
-        return 0
-
-    def insert_with_node(self, tokens: np.ndarray | Sequence[int],
-                         pages: np.ndarray | Sequence[int]) -> tuple[int, RadixNode]:
-        return len(self._check_pages(len(tokens), pages)) * self.page_size, self._root
