@@ -266,7 +266,7 @@ class RadixCache:
         if len(parent.children) == 1 and parent is not self._root:
             self.shared_nodes -= 1
             self._shared_depth -= self.depth(parent)
-        stack = [(node, self.depth(parent) + len(node.key) // _TOKEN_BYTES)]
+        stack = [(node, self.depth(node))] if node.children else []  # (a leaf, as eviction takes, has none)
         while stack:  # shared nodes below it leave with it
             n, depth = stack.pop()
             if len(n.children) >= 2:

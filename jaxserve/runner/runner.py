@@ -117,6 +117,8 @@ class ModelRunner:
         self.max_running = max_running
         self.page_size = model.page_size
         self.buckets = token_buckets(max_step_tokens, max_running, smallest_bucket(jax.default_backend()))
+        self._mixed_buckets = [b for b in self.buckets if self._mixed(b)]  # what `bucket` picks from, per kind
+        self._decode_buckets = [b for b in self.buckets if self._mixed(b) or self._decode_only(b)]
         self.context_length = context_length
         self.pages_per_seq = -(-context_length // model.page_size)
         self.vocab = model.config.vocab_size
@@ -152,7 +154,7 @@ class ModelRunner:
     def bucket(self, num_tokens: int, decode: bool = False) -> int:
         """The step size for `num_tokens` tokens. Buckets below 8 are compiled for decode
         steps only (one token per sequence, T == S): a step that prefills pads to 8."""
-        return next(b for b in self.buckets if b >= num_tokens and (self._mixed(b) or decode and self._decode_only(b)))
+        return next(b for b in (self._decode_buckets if decode else self._mixed_buckets) if b >= num_tokens)
 
     def _mixed(self, num_tokens: int) -> bool:
         """Whether the bucket also runs steps that prefill."""
