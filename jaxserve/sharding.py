@@ -1,7 +1,8 @@
 """Device mesh (axes `data`, `model`) and partition specs for params and the KV pool.
 
 Tensor parallelism follows Megatron: q/k/v and gate/up are split by output columns (whole
-attention heads), o and down by input rows, the embedding and LM head by vocab. A tensor
+attention heads), o and down by input rows, the embedding and LM head by vocab (a
+quantized weight's scales follow its output columns). A tensor
 whose split axis is not divisible by `tp_size` is replicated instead, so any model runs
 on any mesh (XLA inserts the collectives).
 """
@@ -36,6 +37,7 @@ def param_specs(cfg: ModelConfig, params: dict, tp: int) -> dict:
     kv_cols = cfg.num_kv_heads
     rules = {
         ("embed", "embedding"): _split(cfg.vocab_size, tp, P("model", None)),
+        ("embed", "scale"): _split(cfg.vocab_size, tp, P("model", None)),
         ("lm_head", "kernel"): _split(cfg.vocab_size, tp, P(None, "model")),
         ("attn", "q_proj", "kernel"): _split(q_cols, tp, P(None, None, "model")),
         ("attn", "q_proj", "bias"): _split(q_cols, tp, P(None, "model")),
@@ -48,6 +50,11 @@ def param_specs(cfg: ModelConfig, params: dict, tp: int) -> dict:
         ("mlp", "up_proj", "kernel"): _split(cfg.intermediate_size, tp, P(None, None, "model")),
         ("mlp", "down_proj", "kernel"): _split(cfg.intermediate_size, tp, P(None, "model", None)),
     }
+
+    # A quantized kernel's scale / offset [.., groups, out] split like its output columns.
+    for key, value in list(rules.items()):
+        if key[-1] == "kernel" and len(value) and value[-1] == "model":
+            rules[(*key[:-1], "scale")] = rules[(*key[:-1], "offset")] = value
 
     def spec(path, _):
         keys = tuple(k.key for k in path)

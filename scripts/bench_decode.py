@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per concurrency; the best is reported")
     parser.add_argument("--model-path", default=None)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantization", default="none", help="none | int8 | fp8 | gguf (weights/quantization.py)")
     parser.add_argument("--url", default=None, help="an OpenAI-compatible server to measure instead")
     parser.add_argument("--model", default="default", help="the model name to send with --url")
     parser.add_argument("--engine-src", default=None, help="import jaxserve from this checkout instead")
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.url is None:
         import jaxserve
 
-        engine = jaxserve.Engine(args.model_path, dtype=args.dtype, max_running_requests=max(args.concurrency),
+        engine = jaxserve.Engine(args.model_path, dtype=args.dtype, quantization=args.quantization,
+                                 max_running_requests=max(args.concurrency),
                                  context_length=256, max_prefill_tokens=1024, chunked_prefill_size=1024)
 
     def run(concurrency: int) -> list[list[float]]:
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
             return asyncio.run(engine_round(engine, concurrency, args.output_len))
         return asyncio.run(http_round(args.url, args.model, concurrency, args.output_len))
 
-    label = args.label or (args.url or (f"jaxserve {args.engine_src}" if args.engine_src else "jaxserve"))
+    default = f"jaxserve {args.dtype} {args.quantization}" + (f" {args.engine_src}" if args.engine_src else "")
+    label = args.label or args.url or default
     rows = []
     try:
         for concurrency in args.concurrency:

@@ -46,7 +46,8 @@ def build(args: ServerArgs) -> Parts:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     args = args.with_backend_defaults(jax.default_backend())
     model = load(args.model_path, dtype=args.dtype, tp_size=args.tp_size, page_size=args.page_size,
-                 attention_backend=args.attention_backend, chat_template=args.chat_template)
+                 attention_backend=args.attention_backend, chat_template=args.chat_template,
+                 quantization=args.quantization)
     context_length = args.context_length or model.config.max_position_embeddings
     weights, kv_per_token = per_device_bytes(model)
     pool = size_kv_pool(weights_bytes=weights, kv_bytes_per_token=kv_per_token, page_size=args.page_size,

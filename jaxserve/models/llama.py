@@ -16,6 +16,7 @@ from flax import nnx
 import pallas_kernels
 from jaxserve.models.batch import ForwardBatch
 from jaxserve.models.config import ModelConfig
+from jaxserve.models.quant import QuantEmbed, QuantLinear
 
 _INIT = nnx.initializers.normal(0.02)
 
@@ -31,7 +32,10 @@ class RMSNorm(nnx.Module):
         return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def _linear(din, dout, bias, dtype, rngs):
+def _linear(din, dout, bias, dtype, rngs, fmt=None):
+    """A dense layer; `fmt` (a `QuantFormat`) makes it weight-only quantized."""
+    if fmt is not None:
+        return QuantLinear(din, dout, use_bias=bias, dtype=dtype, fmt=fmt, rngs=rngs)
     return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, kernel_init=_INIT, rngs=rngs)
 
 
@@ -43,12 +47,12 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-        hd = cfg.head_dim
-        self.q_proj = _linear(cfg.hidden_size, cfg.num_heads * hd, cfg.attention_bias, dtype, rngs)
-        self.k_proj = _linear(cfg.hidden_size, cfg.num_kv_heads * hd, cfg.attention_bias, dtype, rngs)
-        self.v_proj = _linear(cfg.hidden_size, cfg.num_kv_heads * hd, cfg.attention_bias, dtype, rngs)
-        self.o_proj = _linear(cfg.num_heads * hd, cfg.hidden_size, False, dtype, rngs)
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quant: dict):
+        hd, h = cfg.head_dim, cfg.hidden_size
+        self.q_proj = _linear(h, cfg.num_heads * hd, cfg.attention_bias, dtype, rngs, quant.get("q_proj"))
+        self.k_proj = _linear(h, cfg.num_kv_heads * hd, cfg.attention_bias, dtype, rngs, quant.get("k_proj"))
+        self.v_proj = _linear(h, cfg.num_kv_heads * hd, cfg.attention_bias, dtype, rngs, quant.get("v_proj"))
+        self.o_proj = _linear(cfg.num_heads * hd, h, False, dtype, rngs, quant.get("o_proj"))
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
@@ -79,21 +83,22 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, rngs)
-        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, rngs)
-        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, rngs)
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quant: dict):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(h, i, False, dtype, rngs, quant.get("gate_proj"))
+        self.up_proj = _linear(h, i, False, dtype, rngs, quant.get("up_proj"))
+        self.down_proj = _linear(i, h, False, dtype, rngs, quant.get("down_proj"))
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quant: dict):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(cfg, dtype, rngs)
+        self.attn = Attention(cfg, dtype, rngs, quant)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype, rngs)
+        self.mlp = MLP(cfg, dtype, rngs, quant)
 
     def __call__(self, h, cos, sin, batch, k_pages, v_pages, page_offset, attn):
         a, k_pages, v_pages = self.attn(self.input_norm(h), cos, sin, batch, k_pages, v_pages, page_offset, attn)
@@ -104,27 +109,33 @@ class DecoderLayer(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     """Decoder-only LM over a paged KV pool.
 
-    `attention_impl` / `interpret` pick the paged-attention backend (see `pallas_kernels`).
+    `attention_impl` / `interpret` pick the paged-attention backend (see `pallas_kernels`);
+    `quant` maps weight names (`q_proj` ... `down_proj`, `lm_head`, `embed`) to the
+    `QuantFormat` they are stored in (models/quant.py); the others stay in `dtype`.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                 attention_impl: str = "reference", interpret: bool = False):
+                 attention_impl: str = "reference", interpret: bool = False, quant: dict | None = None):
+        quant = quant or {}
         self.cfg = cfg
         self.dtype = dtype
         self.attention_impl = attention_impl
         self.interpret = interpret
-        self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
-                               embedding_init=_INIT, rngs=rngs)
+        if "embed" in quant:
+            self.embed = QuantEmbed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, fmt=quant["embed"], rngs=rngs)
+        else:
+            self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
+                                   embedding_init=_INIT, rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_layers(rngs):
-            return DecoderLayer(cfg, dtype, rngs)
+            return DecoderLayer(cfg, dtype, rngs, quant)
 
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs, quant.get("lm_head"))
 
     def __call__(self, batch: ForwardBatch, k_cache, v_cache):
         """Run a ragged batch; returns (final hidden [T, H], k_cache, v_cache).
@@ -154,6 +165,8 @@ class LlamaForCausalLM(nnx.Module):
     def logits(self, hidden):
         """Float32 logits [N, vocab] of final hidden states [N, H]."""
         if self.cfg.tie_word_embeddings:
+            if isinstance(self.embed, QuantEmbed):
+                return self.embed.attend(hidden)
             w = self.embed.embedding[...]
             return jnp.einsum("nh,vh->nv", hidden, w, preferred_element_type=jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)

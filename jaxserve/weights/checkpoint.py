@@ -36,5 +36,6 @@ def restore_params(path: str | Path, abstract_params: dict) -> dict:
         return ckptr.restore(Path(path).absolute() / PARAMS_DIR, abstract_params)
 
 
-def abstract_like(params_shapes: dict, shardings: dict, dtype) -> dict:
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh), params_shapes, shardings)
+def abstract_like(params_shapes: dict, shardings: dict) -> dict:
+    """Restore targets: each param's shape and dtype (float, or a quantized format's) on its sharding."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), params_shapes, shardings)

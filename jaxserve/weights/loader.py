@@ -17,7 +17,7 @@ from jaxserve import sharding
 from jaxserve.models.batch import ForwardBatch
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.registry import model_class
-from jaxserve.weights import checkpoint, gguf_file, hf, hub
+from jaxserve.weights import checkpoint, gguf_file, hf, hub, quantization as quantization_plan
 from jaxserve.weights.params import hf_to_params
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,10 @@ def resolve_model_path(model_path: str | Path | None) -> Path:
     return path
 
 
-def read_source(path: Path) -> tuple[dict, dict | None]:
+def read_source(path: Path, keep_quantized: bool = False) -> tuple[dict, dict | None]:
     """(HF config dict, HF tensors or None for a converted orbax checkpoint)."""
     if path.suffix == ".gguf":
-        return gguf_file.read_gguf(path)
+        return gguf_file.read_gguf(path, keep_quantized)
     config = hf.read_hf_config(path)
     ModelConfig.from_hf(config)  # an unsupported architecture fails before any tensor is read
     return config, None if checkpoint.is_converted(path) else hf.read_hf_tensors(path)
@@ -61,6 +61,7 @@ class LoadedModel:
     page_size: int
     model_path: Path
     tokenizer: object | None = None
+    quant: dict = dataclasses.field(default_factory=dict)  # {weight name: QuantFormat}
 
     @property
     def param_tree(self) -> dict:
@@ -118,29 +119,35 @@ class LoadedModel:
 
 def load(model_path: str | Path | None = None, *, dtype: str = "bfloat16", tp_size: int = 1,
          page_size: int = 16, attention_backend: str = "auto", interpret: bool = False,
-         chat_template: str | None = None, with_tokenizer: bool = True) -> LoadedModel:
-    """Load a HF directory, a GGUF file or a converted checkpoint onto a `tp_size` mesh."""
+         chat_template: str | None = None, with_tokenizer: bool = True,
+         quantization: str = "none") -> LoadedModel:
+    """Load a HF directory, a GGUF file or a converted checkpoint onto a `tp_size` mesh,
+    with the weights `quantization` names stored quantized (weights/quantization.py)."""
     if dtype == "auto":  # bfloat16 on accelerators; float32 on CPU, where bf16 is slow and lossy
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     start = time.perf_counter()
     path = resolve_model_path(model_path)
-    hf_config, tensors = read_source(path)
+    hf_config, tensors = read_source(path, keep_quantized=quantization == "gguf")
     cfg = ModelConfig.from_hf(hf_config)
+    quant = quantization_plan.from_config(hf_config) if tensors is None else None
+    if quant is not None and quantization not in ("none", "auto"):
+        raise ValueError(f"{path.name} was converted with its own quantization; load it with --quantization none")
+    quant = quant or quantization_plan.plan(cfg, quantization, tensors)
     jdtype = DTYPES[dtype]
     mesh = sharding.make_mesh(tp_size)
     if attention_backend in ("pallas", "triton", "tpu") and jax.default_backend() == "cpu":
         interpret = True  # Pallas kernels run on CPU only in interpret mode (slow; for tests)
-    abstract = nnx.eval_shape(lambda: model_class(cfg)(cfg, dtype=jdtype, rngs=nnx.Rngs(0),
+    abstract = nnx.eval_shape(lambda: model_class(cfg)(cfg, dtype=jdtype, rngs=nnx.Rngs(0), quant=quant,
                                                        attention_impl=attention_backend, interpret=interpret))
     graphdef, state = nnx.split(abstract)
     shapes = nnx.to_pure_dict(state)
     shardings = sharding.param_shardings(cfg, shapes, mesh)
     if tensors is None:
-        params = checkpoint.restore_params(path, checkpoint.abstract_like(shapes, shardings, jdtype))
+        params = checkpoint.restore_params(path, checkpoint.abstract_like(shapes, shardings))
     else:
-        host = hf_to_params(cfg, tensors, np.dtype(jdtype))
+        host = hf_to_params(cfg, tensors, np.dtype(jdtype), quant)
         params = jax.tree.map(jax.device_put, host, shardings)
     nnx.replace_by_pure_dict(state, params)
     tokenizer = None
@@ -148,5 +155,7 @@ def load(model_path: str | Path | None = None, *, dtype: str = "bfloat16", tp_si
         from jaxserve.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(path, chat_template=chat_template)
-    logger.info("loaded %s (%s, tp=%d) in %.2fs", path.name, dtype, tp_size, time.perf_counter() - start)
-    return LoadedModel(cfg, hf_config, graphdef, state, mesh, jdtype, page_size, path, tokenizer)
+    formats = ", ".join(sorted({f"{f.name}" for f in quant.values()})) or "none"
+    logger.info("loaded %s (%s, quantization %s, tp=%d) in %.2fs", path.name, dtype, formats, tp_size,
+                time.perf_counter() - start)
+    return LoadedModel(cfg, hf_config, graphdef, state, mesh, jdtype, page_size, path, tokenizer, quant)
