@@ -31,7 +31,7 @@ CLI_ALIASES = {"tp_size": ("--tensor-parallel-size",)}  # SGLang's other names f
 class ServerArgs:
     model_path: str | None = None  # HF dir, .gguf, converted dir; None = bundled SmolLM2
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU/TPU
-    quantization: str = "none"  # none | int8 | fp8 | gguf: weights stored quantized (weights/quantization.py)
+    quantization: str = "auto"  # auto | none | int8 | fp8 | gguf: weights stored quantized (weights/quantization.py)
     tp_size: int = 1
     page_size: int = 16
     max_total_tokens: int | None = None  # KV pool size in tokens; default from mem_fraction_static
@@ -101,8 +101,8 @@ class ServerArgs:
         self.dtype = {"half": "float16", "float": "float32"}.get(self.dtype, self.dtype)  # SGLang's aliases
         need(self.dtype in ("auto", "float32", "bfloat16", "float16"),
              f"--dtype must be auto, float32, bfloat16, float16 or half, got {self.dtype!r}")
-        need(self.quantization in ("none", "int8", "fp8", "gguf"),
-             f"--quantization must be none, int8, fp8 or gguf, got {self.quantization!r}")
+        need(self.quantization in ("auto", "none", "int8", "fp8", "gguf"),
+             f"--quantization must be auto, none, int8, fp8 or gguf, got {self.quantization!r}")
         need(self.max_queued_requests is None or self.max_queued_requests >= 1, "--max-queued-requests must be >= 1")
         need(self.max_sessions >= 1, "--max-sessions must be >= 1")
         need(self.max_request_body_bytes >= 1024, "--max-request-body-bytes must be >= 1024")

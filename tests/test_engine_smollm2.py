@@ -30,6 +30,13 @@ def test_batched_chat_is_coherent_and_equals_token_by_token_greedy(engine):
         assert result["output_ids"] == reference
 
 
+def test_cpu_default_keeps_the_gguf_blocks(engine):
+    # --quantization auto on CPU: the bundled Q4_1 layers stay Q4_1 (greedy output equal to
+    # float32's on these chats, docs/BENCHMARKS.md); the Q8_0 embedding becomes int8 per row.
+    assert {engine.model.quant[p].name for p in ("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj")} == {"q4"}
+    assert engine.model.quant["embed"].name == "int8"
+
+
 def test_seeded_sampling_with_n4_is_reproducible(engine):
     params = {"temperature": 0.8, "max_new_tokens": 16, "n": 4, "sampling_seed": 1234}
     prompt = chat(engine, "Write one sentence about the sea.")

@@ -50,6 +50,8 @@ def test_gguf_blocks_load_quantized(tiny_gguf):
         else:
             assert np.abs(np.asarray(quant.dequantize(p)) - ref).max() <= np.asarray(p["scale"]).max() / 2 + 1e-6
     assert kept.quant["embed"] == quant.INT8
+    # auto keeps a GGUF's blocks only when every layer weight stays in its file's format
+    assert load(tiny_gguf, quantization="auto", with_tokenizer=False).quant == {}
     ids = np.random.default_rng().integers(3, 49152, size=40)
     a, b = plain.logits(ids), kept.logits(ids)
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()

@@ -48,3 +48,12 @@ def test_kv_replicated_when_heads_do_not_divide(tmp_path, caplog):
     with caplog.at_level("INFO"):
         k, _ = model.new_kv_cache(4)
     assert k.sharding.is_fully_replicated and "replicated" in caplog.text
+
+
+def test_quantized_tp_matches_single_device(model_dir):
+    one = load(model_dir, dtype="float32", quantization="int8", with_tokenizer=False)
+    two = load(model_dir, dtype="float32", quantization="int8", tp_size=2, with_tokenizer=False)
+    q = two.param_tree["layers"]["attn"]["q_proj"]
+    assert q["kernel"].dtype == np.int8 and q["kernel"].addressable_shards[0].data.shape[2] == q["kernel"].shape[2] // 2
+    assert q["scale"].addressable_shards[0].data.shape[2] == q["scale"].shape[2] // 2  # scales follow the columns
+    np.testing.assert_allclose(two.logits(IDS), one.logits(IDS), rtol=1e-5, atol=1e-5)

@@ -129,12 +129,12 @@ def load(model_path: str | Path | None = None, *, dtype: str = "bfloat16", tp_si
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     start = time.perf_counter()
     path = resolve_model_path(model_path)
-    hf_config, tensors = read_source(path, keep_quantized=quantization == "gguf")
+    hf_config, tensors = read_source(path, keep_quantized=quantization in ("gguf", "auto"))
     cfg = ModelConfig.from_hf(hf_config)
     quant = quantization_plan.from_config(hf_config) if tensors is None else None
     if quant is not None and quantization not in ("none", "auto"):
         raise ValueError(f"{path.name} was converted with its own quantization; load it with --quantization none")
-    quant = quant or quantization_plan.plan(cfg, quantization, tensors)
+    quant = quant or quantization_plan.plan(cfg, quantization, tensors, jax.default_backend())
     jdtype = DTYPES[dtype]
     mesh = sharding.make_mesh(tp_size)
     if attention_backend in ("pallas", "triton", "tpu") and jax.default_backend() == "cpu":

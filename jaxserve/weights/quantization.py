@@ -1,5 +1,8 @@
 """`--quantization`: which weights a loaded model stores quantized, and in which format.
 
+    auto   (the server's default) `gguf` on CPU for a GGUF whose layers are all in kept
+           types, else `none`: on CPU that is the fastest format that keeps greedy output
+           equal to float32's on the test chats (docs/BENCHMARKS.md, "Quantized weights")
     none   every weight in `--dtype` (a GGUF is dequantized)
     int8   weight-only int8, one scale per output channel: the seven projections of every
            layer, the LM head and the embedding (quantized per vocabulary row)
@@ -18,7 +21,7 @@ from jaxserve.models import quant
 from jaxserve.models.config import ModelConfig
 from jaxserve.weights.gguf_file import GGUFBlocks
 
-CHOICES = ("none", "int8", "fp8", "gguf")
+CHOICES = ("auto", "none", "int8", "fp8", "gguf")
 PROJECTIONS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
                "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
                "down_proj": "mlp.down_proj"}
@@ -26,10 +29,14 @@ _KEPT = {"Q8_0": quant.Q8_0, "Q4_0": quant.Q4, "Q4_1": quant.Q4, "Q4_K": quant.Q
 CONFIG_KEY = "quantization_config"
 
 
-def plan(cfg: ModelConfig, quantization: str, tensors: dict | None) -> dict[str, quant.QuantFormat]:
+def plan(cfg: ModelConfig, quantization: str, tensors: dict | None, backend: str = "cpu") -> dict:
     """{weight name: QuantFormat} for `LlamaForCausalLM(quant=...)`; names not in it stay float."""
     if quantization not in CHOICES:
         raise ValueError(f"--quantization must be one of {', '.join(CHOICES)}, got {quantization!r}")
+    if quantization == "auto":
+        kept = backend == "cpu" and any(isinstance(t, GGUFBlocks) for t in (tensors or {}).values())
+        formats = plan(cfg, "gguf", tensors) if kept else {}
+        return formats if all(formats.get(name) in (quant.Q8_0, quant.Q4) for name in PROJECTIONS) else {}
     if quantization == "none":
         return {}
     if quantization == "gguf" and not any(isinstance(t, GGUFBlocks) for t in (tensors or {}).values()):
