@@ -10,9 +10,10 @@ always kept; of the rest, the best scores fill `budget_pages`, and with `thresho
 whose bound on their share (`exp(score)`) is below it are dropped within that budget.
 
 `select_pages` returns a compacted page table (the kept pages in order, the sequence's
-last, partial page last) and the matching KV lengths, which the existing `paged_decode`
-kernels read like any page table: they then touch only the kept pages. A sequence with at
-most `budget_pages` pages keeps all of them, so its result is the dense one.
+last, partial page last, the table's width unchanged) and the matching KV lengths, which
+the existing `paged_decode` kernels read like any page table: they then touch only the
+kept pages. A sequence with at most `budget_pages` pages keeps all of them, so its result
+is the dense one.
 
 `update_bounds` keeps the bounds exact in the step that writes the keys: a write to row 0
 of a page starts the page afresh (pages fill from row 0, so a reused page forgets its old
@@ -20,6 +21,8 @@ keys), the other rows take min / max with what is there.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -55,11 +58,13 @@ def page_scores(q, kmin, kmax, page_table, kv_lens, *, page_size: int, sm_scale:
     return relative.max(axis=-1)
 
 
-def select_pages(q, kmin, kmax, page_table, kv_lens, *, page_size: int, sm_scale: float, budget_pages: int,
+def select_pages(q, kmin, kmax, page_table, kv_lens, *, page_size: int, sm_scale: float, budget_pages,
                  sink_pages: int = 1, recent_pages: int = 1, threshold: float | None = None):
-    """(compacted page table `[B, budget_pages]`, its KV lengths `[B]`, kept pages `[B]`)."""
+    """(compacted page table `[B, W]`, its KV lengths `[B]`, kept pages `[B]`).
+
+    `budget_pages` is an int or one per sequence `[B]`; the table keeps its width, the
+    kept pages first, so kernels, which read no page past a sequence's length, read only them."""
     width = page_table.shape[1]
-    budget_pages = min(budget_pages, width)
     num_pages = -(-kv_lens // page_size)  # [B]
     scores = page_scores(q, kmin, kmax, page_table, kv_lens, page_size=page_size, sm_scale=sm_scale)
     slot = jnp.arange(width)[None, :]
@@ -68,10 +73,32 @@ def select_pages(q, kmin, kmax, page_table, kv_lens, *, page_size: int, sm_scale
     keep_score = jnp.where(forced & valid, jnp.inf, scores)
     if threshold is not None:
         keep_score = jnp.where(forced | (scores >= jnp.log(threshold)), keep_score, -jnp.inf)
-    top, idx = jax.lax.top_k(keep_score, budget_pages)  # [B, K]
-    idx = jnp.sort(jnp.where(top > -jnp.inf, idx, width), axis=1)  # kept slots in order, the rest last
-    kept = (idx < width).sum(axis=1)
+    top, idx = jax.lax.top_k(keep_score, width)  # every slot, best first
+    budget = jnp.broadcast_to(jnp.asarray(budget_pages), kv_lens.shape)[:, None]
+    kept_slot = (top > -jnp.inf) & (slot < budget)
+    idx = jnp.sort(jnp.where(kept_slot, idx, width), axis=1)  # kept slots in order, the rest last
+    kept = kept_slot.sum(axis=1)
     table = jnp.where(idx < width, jnp.take_along_axis(page_table, jnp.minimum(idx, width - 1), axis=1), 0)
     last_len = kv_lens - (num_pages - 1) * page_size
     lens = jnp.where(kv_lens > 0, (kept - 1) * page_size + last_len, 0)
     return table.astype(page_table.dtype), lens.astype(kv_lens.dtype), kept
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseAttention:
+    """`--sparse-attention quest` settings: decode reads at most `token_budget` KV tokens of
+    a sequence whose context is at least `min_context` tokens (shorter ones stay dense)."""
+
+    token_budget: int
+    min_context: int
+    sink_pages: int = 1
+    recent_pages: int = 1
+    threshold: float | None = None
+
+    def select(self, q, kmin, kmax, page_table, kv_lens, page_size: int, sm_scale: float):
+        """(page table, KV lengths) that decode attention reads."""
+        budget = jnp.where(kv_lens >= self.min_context, max(1, self.token_budget // page_size), page_table.shape[1])
+        table, lens, _ = select_pages(q, kmin, kmax, page_table, kv_lens, page_size=page_size, sm_scale=sm_scale,
+                                      budget_pages=budget, sink_pages=self.sink_pages,
+                                      recent_pages=self.recent_pages, threshold=self.threshold)
+        return table, lens

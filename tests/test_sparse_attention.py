@@ -71,6 +71,7 @@ def test_selection_equals_brute_force_top_k(seed, threshold):
     got, lens, kept = sparse.select_pages(q, kmin, kmax, table, kv_lens, page_size=PAGE, sm_scale=0.3,
                                           budget_pages=budget, sink_pages=1, recent_pages=2, threshold=threshold)
     got, lens, kept = np.asarray(got), np.asarray(lens), np.asarray(kept)
+    assert got.shape == table.shape
     for b in range(5):
         slots = _brute_select(q[b], kmin, kmax, table[b], int(kv_lens[b]), 0.3, budget, 1, 2, threshold)
         assert kept[b] == len(slots)
@@ -116,3 +117,102 @@ def test_sparse_output_is_attention_over_the_kept_tokens(seed):
             s = keys[:, h // GROUP] @ q[b, h].astype(np.float64) * 0.35
             w = np.exp(s - s.max())
             np.testing.assert_allclose(out[b, h], (w / w.sum()) @ vals[:, h // GROUP], rtol=1e-5, atol=1e-5)
+
+
+class _Model:
+    """A loaded tiny model run with page bounds (and optionally Quest) through jit."""
+
+    def __init__(self, path, sparse=None):
+        import jax
+        from flax import nnx
+
+        from jaxserve.weights import load
+
+        self.m = load(path, dtype="float32", page_size=PAGE, with_tokenizer=False)
+        cfg = self.m.config
+        graphdef = self.m.graphdef
+
+        def run(params, batch, k, v, lo, hi):
+            model = nnx.merge(graphdef, params)
+            hidden, k, v, (lo, hi), read = model(batch, k, v, (lo, hi), sparse)
+            return model.logits(hidden), k, v, lo, hi, read
+
+        self.run = jax.jit(run)
+        self.k, self.v = self.m.new_kv_cache(48)
+        self.lo, self.hi = sparse_new(cfg.num_layers, 48, cfg.num_kv_heads, cfg.head_dim)
+
+    def step(self, seqs, decode_only=False):
+        from jaxserve.models import ForwardBatch
+
+        n = sum(len(ids) for ids, _, _ in seqs)
+        batch = ForwardBatch.build(seqs, PAGE, num_tokens=n, max_seqs=len(seqs), pages_per_seq=12)
+        assert batch.decode_only == decode_only
+        logits, self.k, self.v, self.lo, self.hi, read = self.run(self.m.params, batch, self.k, self.v, self.lo,
+                                                                  self.hi)
+        return np.asarray(logits), np.asarray(read)
+
+
+def sparse_new(layers, pages, heads, dim):
+    lo, hi = sparse.new_bounds(layers * pages, heads, dim)
+    return lo.reshape(layers, pages, heads, dim), hi.reshape(layers, pages, heads, dim)
+
+
+def _assert_bounds_exact(model, pages_and_rows):
+    k = np.asarray(model.k)  # [L, P, S, H, D]
+    for page, rows in pages_and_rows.items():
+        np.testing.assert_array_equal(np.asarray(model.lo)[:, page], k[:, page, :rows].min(axis=1))
+        np.testing.assert_array_equal(np.asarray(model.hi)[:, page], k[:, page, :rows].max(axis=1))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tests.hf_models import save_tiny_model
+
+    path = tmp_path_factory.mktemp("sparse")
+    save_tiny_model("llama3", path, seed=21)
+    return path
+
+
+@pytest.mark.parametrize("seed", [SEED])
+def test_model_bounds_exact_after_chunked_prefill_and_page_reuse(tiny_llama, seed):
+    rng = np.random.default_rng(seed)
+    model = _Model(tiny_llama)
+    prompt = rng.integers(3, 256, size=23).tolist()
+    pages = [5, 9, 2, 30, 7, 11]
+    for start, end in ((0, 6), (6, 17), (17, 23)):  # chunked prefill
+        model.step([(prompt[start:end], start, pages)])
+    _assert_bounds_exact(model, {5: 4, 9: 4, 2: 4, 30: 4, 7: 4, 11: 3})
+    for pos in range(23, 26):  # decode steps fill page 11, then page 40
+        model.step([([int(rng.integers(3, 256))], pos, pages + [40])], decode_only=True)
+    _assert_bounds_exact(model, {11: 4, 40: 2})
+    # pages 9 and 2 freed (retraction) and reused by another sequence
+    other = rng.integers(3, 256, size=6).tolist()
+    model.step([(other, 0, [9, 2])])
+    _assert_bounds_exact(model, {9: 4, 2: 2, 5: 4})
+
+
+@pytest.mark.parametrize("seed", [SEED])
+def test_model_sparse_decode(tiny_llama, seed):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, 256, size=n).tolist() for n in (41, 7, 30)]
+    pages = [list(range(1 + 12 * i, 13 + 12 * i)) for i in range(3)]
+    full = sparse.SparseAttention(token_budget=12 * PAGE, min_context=0)
+    tight = sparse.SparseAttention(token_budget=3 * PAGE, min_context=35)
+    runs = {}
+    for name, config in (("dense", None), ("full", full), ("tight", tight)):
+        model = _Model(tiny_llama, config)
+        for ids, p in zip(prompts, pages):
+            model.step([(ids, 0, p)])
+        token = [[int(rng.integers(3, 256))] for _ in prompts] if name == "dense" else runs["dense"][2]
+        logits, read = model.step([(t, len(ids), p) for t, ids, p in zip(token, prompts, pages)], decode_only=True)
+        runs[name] = (logits, read, token)
+    layers = 2
+    dense_lens = np.array([len(p) + 1 for p in prompts]) * layers
+    np.testing.assert_array_equal(runs["dense"][1], dense_lens)
+    np.testing.assert_array_equal(runs["full"][1], dense_lens)  # a budget of the whole context: dense
+    np.testing.assert_allclose(runs["full"][0], runs["dense"][0], rtol=1e-5, atol=1e-5)
+    # 42 tokens (11 pages) read 3 pages: the sink, one chosen, the last (2 tokens); 8 tokens stay dense
+    # (below the budget) and 31 tokens stay dense (below min_context)
+    np.testing.assert_array_equal(runs["tight"][1], np.array([2 * PAGE + 2, 8, 31]) * layers)
+    np.testing.assert_allclose(runs["tight"][0][1:], runs["dense"][0][1:], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(runs["tight"][0][0], runs["dense"][0][0], rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ import pallas_kernels
 from jaxserve.models.batch import ForwardBatch
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.quant import QuantEmbed, QuantLinear
+from pallas_kernels.sparse import update_bounds
 
 _INIT = nnx.initializers.normal(0.02)
 
@@ -58,7 +59,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, batch: ForwardBatch, k_pages, v_pages, page_offset, attn):
+    def __call__(self, x, cos, sin, batch: ForwardBatch, k_pages, v_pages, page_offset, attn, bounds=None):
         cfg = self.cfg
         t = x.shape[0]
         q = self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim)
@@ -72,14 +73,21 @@ class Attention(nnx.Module):
         row = batch.slot_mapping % page_size
         k_pages = k_pages.at[page, row].set(k.astype(k_pages.dtype))
         v_pages = v_pages.at[page, row].set(v.astype(v_pages.dtype))
-        common = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window, **attn)
+        sparse = attn.get("sparse")
+        common = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
+                      impl=attn["impl"], interpret=attn["interpret"])
+        table, kv_lens = batch.page_table + page_offset, batch.kv_lens
+        if bounds is not None:
+            bounds = update_bounds(*bounds, k, page, row)
+            if batch.decode_only and sparse is not None:  # Quest: read only the selected pages
+                table, kv_lens = sparse.select(q, *bounds, table, kv_lens, page_size, common["sm_scale"])
         if batch.decode_only:
-            out = pallas_kernels.paged_decode(q, k_pages, v_pages, batch.kv_lens, batch.page_table + page_offset, **common)
+            out = pallas_kernels.paged_decode(q, k_pages, v_pages, kv_lens, table, **common)
         else:
             out = pallas_kernels.ragged_paged_attention(
-                q, k_pages, v_pages, batch.kv_lens, batch.page_table + page_offset, batch.cu_q_lens,
-                batch.num_seqs, **common)
-        return self.o_proj(out.reshape(t, -1)), k_pages, v_pages
+                q, k_pages, v_pages, kv_lens, table, batch.cu_q_lens, batch.num_seqs, **common)
+        out = self.o_proj(out.reshape(t, -1))
+        return (out, k_pages, v_pages) if bounds is None else (out, k_pages, v_pages, bounds, kv_lens)
 
 
 class MLP(nnx.Module):
@@ -100,10 +108,11 @@ class DecoderLayer(nnx.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs, quant)
 
-    def __call__(self, h, cos, sin, batch, k_pages, v_pages, page_offset, attn):
-        a, k_pages, v_pages = self.attn(self.input_norm(h), cos, sin, batch, k_pages, v_pages, page_offset, attn)
+    def __call__(self, h, cos, sin, batch, k_pages, v_pages, page_offset, attn, bounds=None):
+        a, k_pages, v_pages, *extra = self.attn(self.input_norm(h), cos, sin, batch, k_pages, v_pages, page_offset,
+                                                attn, bounds)
         h = h + a
-        return h + self.mlp(self.post_norm(h)), k_pages, v_pages
+        return h + self.mlp(self.post_norm(h)), k_pages, v_pages, *extra
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -137,10 +146,15 @@ class LlamaForCausalLM(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs, quant.get("lm_head"))
 
-    def __call__(self, batch: ForwardBatch, k_cache, v_cache):
+    def __call__(self, batch: ForwardBatch, k_cache, v_cache, bounds=None, sparse=None):
         """Run a ragged batch; returns (final hidden [T, H], k_cache, v_cache).
 
         k_cache, v_cache: [num_layers, num_pages, page_size, num_kv_heads, head_dim].
+        `bounds` (kmin, kmax), each [num_layers, num_pages, num_kv_heads, head_dim], are the
+        pages' key bounds (pallas_kernels/sparse.py), updated with the keys this step
+        writes; with them the result also has the new bounds and, per sequence, the KV
+        tokens decode attention read summed over layers ([max_seqs]; with `sparse`, a
+        `SparseAttention`, decode steps read only the pages it selects).
         """
         shape = k_cache.shape
         num_layers, num_pages = shape[0], shape[1]
@@ -149,18 +163,32 @@ class LlamaForCausalLM(nnx.Module):
         cos, sin = jnp.cos(freqs), jnp.sin(freqs)  # [T, head_dim // 2]
         h = self.embed(batch.input_ids)
         graphdef, layer_state = nnx.split(self.layers)
-        attn = {"impl": self.attention_impl, "interpret": self.interpret}
-
-        def body(carry, state):
-            h, k_pages, v_pages, layer = carry
-            h, k_pages, v_pages = nnx.merge(graphdef, state)(
-                h, cos, sin, batch, k_pages, v_pages, layer * num_pages, attn)
-            return (h, k_pages, v_pages, layer + 1), None
-
+        attn = {"impl": self.attention_impl, "interpret": self.interpret, "sparse": sparse}
         flat = (num_layers * num_pages, *shape[2:])
-        init = (h, k_cache.reshape(flat), v_cache.reshape(flat), jnp.int32(0))
-        (h, k_flat, v_flat, _), _ = jax.lax.scan(body, init, layer_state)
-        return self.norm(h), k_flat.reshape(shape), v_flat.reshape(shape)
+        if bounds is None:
+            def body(carry, state):
+                h, k_pages, v_pages, layer = carry
+                h, k_pages, v_pages = nnx.merge(graphdef, state)(
+                    h, cos, sin, batch, k_pages, v_pages, layer * num_pages, attn)
+                return (h, k_pages, v_pages, layer + 1), None
+
+            init = (h, k_cache.reshape(flat), v_cache.reshape(flat), jnp.int32(0))
+            (h, k_flat, v_flat, _), _ = jax.lax.scan(body, init, layer_state)
+            return self.norm(h), k_flat.reshape(shape), v_flat.reshape(shape)
+
+        def sparse_body(carry, state):
+            h, k_pages, v_pages, lo, hi, read, layer = carry
+            h, k_pages, v_pages, (lo, hi), read_lens = nnx.merge(graphdef, state)(
+                h, cos, sin, batch, k_pages, v_pages, layer * num_pages, attn, (lo, hi))
+            read = read + read_lens
+            return (h, k_pages, v_pages, lo, hi, read, layer + 1), None
+
+        bshape = bounds[0].shape
+        lo, hi = (b.reshape(num_layers * num_pages, *bshape[2:]) for b in bounds)
+        init = (h, k_cache.reshape(flat), v_cache.reshape(flat), lo, hi, jnp.zeros_like(batch.kv_lens), jnp.int32(0))
+        (h, k_flat, v_flat, lo, hi, read, _), _ = jax.lax.scan(sparse_body, init, layer_state)
+        return (self.norm(h), k_flat.reshape(shape), v_flat.reshape(shape),
+                (lo.reshape(bshape), hi.reshape(bshape)), read)
 
     def logits(self, hidden):
         """Float32 logits [N, vocab] of final hidden states [N, H]."""
