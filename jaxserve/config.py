@@ -61,6 +61,12 @@ class ServerArgs:
     hicache_storage_dir: str | None = None
     hicache_storage_prefetch_policy: str = "best_effort"  # best_effort | wait_complete | timeout
     hicache_storage_prefetch_timeout: float = 2.0  # seconds admission waits, with the timeout policy
+    # Query-aware sparse decode attention (Quest, pallas_kernels/sparse.py): a decode step
+    # of a sequence with at least `min_context` tokens reads at most `token_budget` of them.
+    sparse_attention: str = "none"  # none | quest
+    sparse_attention_token_budget: int = 1024
+    sparse_attention_min_context: int = 2048
+    attention_sparsity_threshold: float | None = None  # also drop pages whose bounded share is below it
     compilation_cache_dir: str | None = None
     profile_dir: str | None = None  # where /start_profile traces go (a new folder each); default: the temp dir
     chat_template: str | None = None
@@ -109,6 +115,14 @@ class ServerArgs:
         self._validate_hicache(need)
 
     def _validate_hicache(self, need) -> None:
+        need(self.sparse_attention in ("none", "quest"),
+             f"--sparse-attention must be none or quest, got {self.sparse_attention!r}")
+        need(self.sparse_attention_token_budget >= 2 * self.page_size,
+             f"--sparse-attention-token-budget must be at least 2 pages ({2 * self.page_size} tokens: the first "
+             f"page and the last one are always read), got {self.sparse_attention_token_budget}")
+        need(self.sparse_attention_min_context >= 0, "--sparse-attention-min-context must be >= 0")
+        need(self.attention_sparsity_threshold is None or 0 < self.attention_sparsity_threshold < 1,
+             f"--attention-sparsity-threshold must be in (0, 1), got {self.attention_sparsity_threshold}")
         need(self.hicache_ratio >= 1.0, f"--hicache-ratio must be >= 1 (the host pool is at least as large as the "
              f"device pool), got {self.hicache_ratio}")
         need(self.hicache_size is None or self.hicache_size > 0, "--hicache-size must be > 0 GB")

@@ -62,8 +62,8 @@ def lose_pool(runner):
     """Run the step program on the pool (donating it) and drop its results, as a step that
     fails on the device would."""
     def run(batch):
-        runner._forward(batch.layout, runner.param_leaves, runner.k_cache, runner.v_cache, runner.page_table,
-                        runner.rows.ints, batch.buf)
+        runner._forward(batch.layout, runner.param_leaves, runner.k_cache, runner.v_cache, runner.bounds,
+                        runner.page_table, runner.rows.ints, batch.buf)
         assert runner.lost_state()
     return run
 

@@ -15,6 +15,7 @@ from jaxserve.memory import (FileStorage, HiCache, HiRadixCache, HostKVPool, KVP
 from jaxserve.runner import ModelRunner, PageIO, compile_count
 from jaxserve.scheduler import Scheduler
 from jaxserve.weights import LoadedModel, load
+from pallas_kernels.sparse import SparseAttention
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +30,24 @@ class Parts:
     compiles_at_ready: int
 
 
-def per_device_bytes(model: LoadedModel) -> tuple[int, int]:
+def per_device_bytes(model: LoadedModel, sparse: bool = False) -> tuple[int, int]:
     """(weight bytes on one device, KV bytes per token on one device): with tensor
-    parallelism each device holds its shard, and the pool is sized from that."""
+    parallelism each device holds its shard, and the pool is sized from that. With sparse
+    attention each page also holds its keys' bounds (two float32 rows per page)."""
     weights = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(model.param_tree))
     cfg = model.config
     shape = (cfg.num_layers, 1, 1, cfg.num_kv_heads, cfg.head_dim)
     heads = sharding.kv_sharding(cfg, model.mesh).shard_shape(shape)[3]
     itemsize = np.dtype(model.dtype).itemsize
-    return weights, 2 * cfg.num_layers * heads * cfg.head_dim * itemsize
+    bounds = -(-2 * cfg.num_layers * heads * cfg.head_dim * 4 // model.page_size) if sparse else 0
+    return weights, 2 * cfg.num_layers * heads * cfg.head_dim * itemsize + bounds
+
+
+def sparse_config(args: ServerArgs) -> SparseAttention | None:
+    if args.sparse_attention == "none":
+        return None
+    return SparseAttention(args.sparse_attention_token_budget, args.sparse_attention_min_context,
+                           threshold=args.attention_sparsity_threshold)
 
 
 def build(args: ServerArgs) -> Parts:
@@ -49,7 +59,7 @@ def build(args: ServerArgs) -> Parts:
                  attention_backend=args.attention_backend, chat_template=args.chat_template,
                  quantization=args.quantization)
     context_length = args.context_length or model.config.max_position_embeddings
-    weights, kv_per_token = per_device_bytes(model)
+    weights, kv_per_token = per_device_bytes(model, sparse=args.sparse_attention != "none")
     pool = size_kv_pool(weights_bytes=weights, kv_bytes_per_token=kv_per_token, page_size=args.page_size,
                         max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
                         context_length=context_length)
@@ -58,7 +68,8 @@ def build(args: ServerArgs) -> Parts:
     chunked = args.chunked_prefill_size != -1
     max_step_tokens = args.max_prefill_tokens if chunked else max(args.max_prefill_tokens, context_length)
     chunk = min(args.chunked_prefill_size if chunked else context_length, max_step_tokens)
-    runner = ModelRunner(model, pool.num_pages, args.max_running_requests, max_step_tokens, context_length)
+    runner = ModelRunner(model, pool.num_pages, args.max_running_requests, max_step_tokens, context_length,
+                         sparse=sparse_config(args))
     runner.warmup()
     hicache = None
     if args.enable_hierarchical_cache:

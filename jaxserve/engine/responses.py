@@ -67,6 +67,8 @@ class ResponseBuilder:
         }
         if out is not None and out.cached_tokens_details is not None:
             meta["cached_tokens_details"] = out.cached_tokens_details  # the hierarchical cache's tiers
+        if out is not None and out.attention_sparsity_ratio is not None:
+            meta["attention_sparsity_ratio"] = out.attention_sparsity_ratio  # sparse attention: KV skipped
         if self.options.return_logprob:
             for name, entries in self.logprobs.items():
                 meta[name] = entries[self.sent[name] :] if incremental else entries

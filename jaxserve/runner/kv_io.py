@@ -56,10 +56,14 @@ class PageIO:
     def _scatter(self):
         kv = self.runner.kv_sharding
 
-        def scatter(k_cache, v_cache, pages, k, v):
-            return k_cache.at[:, pages].set(k), v_cache.at[:, pages].set(v)
+        def scatter(k_cache, v_cache, bounds, pages, k, v):
+            if bounds is not None:  # sparse attention: the loaded pages' key bounds
+                bounds = (bounds[0].at[:, pages].set(k.min(axis=2).astype(bounds[0].dtype)),
+                          bounds[1].at[:, pages].set(k.max(axis=2).astype(bounds[1].dtype)))
+            return k_cache.at[:, pages].set(k), v_cache.at[:, pages].set(v), bounds
 
-        return jax.jit(scatter, donate_argnums=(0, 1), out_shardings=(kv, kv))
+        bounds = self.runner.bounds_sharding if self.runner.sparse is not None else None
+        return jax.jit(scatter, donate_argnums=(0, 1, 2), out_shardings=(kv, kv, bounds))
 
     def gather(self, pages: np.ndarray) -> list[tuple[int, jax.Array, jax.Array]]:
         """Dispatch gathers of `pages`; `[(count, k, v)]` per piece, each `k` / `v` a device
@@ -73,7 +77,7 @@ class PageIO:
         once dispatched."""
         r = self.runner
         k_dev, v_dev = jax.device_put((k, v), r.kv_sharding)
-        r.k_cache, r.v_cache = self._scatter(r.k_cache, r.v_cache, pages, k_dev, v_dev)
+        r.k_cache, r.v_cache, r.bounds = self._scatter(r.k_cache, r.v_cache, r.bounds, pages, k_dev, v_dev)
 
     def warmup(self) -> None:
         """Compile the gather and scatter of every bucket (page 0 only: nothing changes)."""

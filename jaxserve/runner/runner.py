@@ -4,8 +4,10 @@ A step is two programs, so that a grammar mask for step N (which needs the token
 N-1 sampled) can be filled on the host while step N's forward runs:
 
 - `forward(batch)`: expands the uploaded `StepBatch`, runs the model over the ragged
-  batch (writing K/V into the donated pool) and returns the logits of each sequence's
-  last token and the final hidden states;
+  batch (writing K/V into the donated pool; with sparse attention also the pages' key
+  bounds) and returns the logits of each sequence's last token, the final hidden states
+  and the KV tokens attention read per sequence (summed over layers; 0 without sparse
+  attention);
 - `sample(fwd)`: penalties and bias (gathered from the rows only when some row
   uses them), the sampler, raw logprobs and, only when some row asked, top logprobs; it
   records each sampled token in its row, where the next `forward` reads it.
@@ -37,6 +39,7 @@ from jaxserve.runner.batch import Layout, StepBatch, expand, max_page_updates, r
 from jaxserve.runner.rows import (ADJUST, LAST_TOKEN, NUM_GENERATED, WANT_TOP, RowState, dense_bias, row_values,
                                   write_vocab_row)
 from jaxserve.weights import LoadedModel
+from pallas_kernels.sparse import SparseAttention, new_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -87,19 +90,20 @@ class Forward:
     buf: jax.Array  # the step's upload, on the device (sampling reads its rows too)
     logits: jax.Array  # [S, V] of each sequence's last token
     hidden: jax.Array  # [T, H] final hidden states, for input logprobs
+    read: jax.Array  # [S] KV tokens attention read per sequence, over all layers (0: not counted)
 
 
 @dataclasses.dataclass
 class Sampled:
-    packed: jax.Array  # [2, S] int32: tokens, and the bits of their float32 logprobs
+    packed: jax.Array  # [3, S] int32: tokens, the bits of their float32 logprobs, KV tokens read
     top_ids: jax.Array  # [S, MAX_TOP_LOGPROBS] (zeros unless some row wants them)
     top_logprobs: jax.Array
 
     def fetch(self, want_top: bool):
-        """(tokens [S], logprobs [S], (top logprobs, top ids) or None) on the host."""
+        """(tokens [S], logprobs [S], (top logprobs, top ids) or None, KV tokens read [S]) on the host."""
         packed = np.asarray(self.packed)
         top = (np.asarray(self.top_logprobs), np.asarray(self.top_ids)) if want_top else None
-        return packed[0], packed[1].view(np.float32), top
+        return packed[0], packed[1].view(np.float32), top, packed[2]
 
 
 def _top_logprobs(log_probs, want_top):
@@ -111,8 +115,9 @@ def _top_logprobs(log_probs, want_top):
 
 class ModelRunner:
     def __init__(self, model: LoadedModel, num_pages: int, max_running: int, max_step_tokens: int,
-                 context_length: int):
+                 context_length: int, sparse: SparseAttention | None = None):
         self.model = model
+        self.sparse = sparse  # Quest decode attention; it keeps key bounds beside the pool
         self.num_pages = num_pages
         self.max_running = max_running
         self.page_size = model.page_size
@@ -130,20 +135,27 @@ class ModelRunner:
         # sharding the compiler chose differently would recompile the next step.
         self.replicated = NamedSharding(model.mesh, P())
         self.kv_sharding = sharding.kv_sharding(model.config, model.mesh)
+        heads = self.kv_sharding.spec[3] if len(self.kv_sharding.spec) > 3 else None  # bounds split like the pool
+        self.bounds_sharding = (NamedSharding(model.mesh, P(None, None, heads, None)),) * 2
         self._all_ones: dict[int, jax.Array] = {}  # sequences per step -> its all-ones grammar mask
         self.reset()
 
     def reset(self) -> None:
         """(Re)create the KV pool and the row state, e.g. after a failed step lost them."""
-        self.k_cache = self.v_cache = None  # free the old pool before allocating the new one
+        self.k_cache = self.v_cache = self.bounds = None  # free the old pool before allocating the new one
         self.k_cache, self.v_cache = self.model.new_kv_cache(self.num_pages)
+        if self.sparse is not None:
+            cfg = self.model.config
+            shape = (cfg.num_layers, self.num_pages, cfg.num_kv_heads, cfg.head_dim)
+            self.bounds = jax.jit(lambda: tuple(b.reshape(shape) for b in new_bounds(
+                cfg.num_layers * self.num_pages, cfg.num_kv_heads, cfg.head_dim)), out_shardings=self.bounds_sharding)()
         put = functools.partial(jax.device_put, device=self.replicated)
         self.rows = jax.tree.map(put, RowState.zeros(self.num_rows, self.vocab))
         self.page_table = put(np.zeros((self.num_rows, self.pages_per_seq), np.int32))  # [rows, pages_per_seq]
 
     def lost_state(self) -> bool:
         """Whether a failed program took donated buffers with it."""
-        arrays = [self.k_cache, self.v_cache, self.page_table, *jax.tree.leaves(self.rows)]
+        arrays = [self.k_cache, self.v_cache, self.page_table, *jax.tree.leaves((self.rows, self.bounds))]
         return any(a.is_deleted() for a in arrays)
 
     # ---- shapes ----
@@ -175,20 +187,26 @@ class ModelRunner:
     def _forward(self):
         graphdef, page_size, treedef = self.model.graphdef, self.page_size, self.param_treedef
 
-        def forward(layout, params, k_cache, v_cache, page_table, ints, buf):
+        def forward(layout, params, k_cache, v_cache, bounds, page_table, ints, buf):
             fb, page_table = expand(layout, buf, page_table, ints[:, LAST_TOKEN], page_size)
             model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-            hidden, k_cache, v_cache = model(fb, k_cache, v_cache)
+            if bounds is None:
+                hidden, k_cache, v_cache = model(fb, k_cache, v_cache)
+                read = jnp.zeros_like(fb.kv_lens)
+            else:
+                hidden, k_cache, v_cache, bounds, read = model(fb, k_cache, v_cache, bounds, self.sparse)
+                bounds = tuple(jax.lax.with_sharding_constraint(b, self.bounds_sharding[0]) for b in bounds)
             last = jnp.maximum(fb.cu_q_lens[1:] - 1, 0)  # [S] each sequence's last token
             logits = model.logits(hidden[last])  # [S, V]
             k_cache, v_cache = (jax.lax.with_sharding_constraint(x, self.kv_sharding) for x in (k_cache, v_cache))
-            return logits, hidden, k_cache, v_cache, self._constrain(page_table), self._constrain(buf)
+            return (logits, hidden, self._constrain(read), k_cache, v_cache, bounds, self._constrain(page_table),
+                    self._constrain(buf))
 
-        return jax.jit(forward, static_argnums=(0,), donate_argnums=(2, 3, 4))
+        return jax.jit(forward, static_argnums=(0,), donate_argnums=(2, 3, 4, 5))
 
     @functools.cached_property
     def _sample(self):
-        def sample(layout, logits, ints, floats, output_counts, prompt_mask, logit_bias, buf, allowed):
+        def sample(layout, logits, read, ints, floats, output_counts, prompt_mask, logit_bias, buf, allowed):
             state = RowState(ints, floats, output_counts, prompt_mask, logit_bias)
             rows, emit = rows_and_emit(layout, buf)
             batch = state.gather(rows)
@@ -209,11 +227,11 @@ class ModelRunner:
                 lambda: sampling.update_output_counts(state.output_counts, jnp.where(adjust, rows, 0), out.tokens),
                 lambda: state.output_counts)
             ints = state.ints.at[written, NUM_GENERATED].add(1).at[written, LAST_TOKEN].set(out.tokens)
-            packed = jnp.stack([out.tokens, jax.lax.bitcast_convert_type(out.logprobs, jnp.int32)])
+            packed = jnp.stack([out.tokens, jax.lax.bitcast_convert_type(out.logprobs, jnp.int32), read])
             return packed, top_ids, top_lp, self._constrain(ints), self._constrain(counts)
 
         # Only the int table and the counts change; the rest of the row state is read, not donated.
-        return jax.jit(sample, static_argnums=(0,), donate_argnums=(2, 4))
+        return jax.jit(sample, static_argnums=(0,), donate_argnums=(3, 5))
 
     @functools.cached_property
     def _input_logprobs(self):
@@ -248,9 +266,10 @@ class ModelRunner:
 
     def forward(self, batch: StepBatch) -> Forward:
         # The step's one upload; it comes back as a device array for `sample`.
-        logits, hidden, self.k_cache, self.v_cache, self.page_table, buf = self._forward(
-            batch.layout, self.param_leaves, self.k_cache, self.v_cache, self.page_table, self.rows.ints, batch.buf)
-        return Forward(batch.layout, buf, logits, hidden)
+        logits, hidden, read, self.k_cache, self.v_cache, self.bounds, self.page_table, buf = self._forward(
+            batch.layout, self.param_leaves, self.k_cache, self.v_cache, self.bounds, self.page_table, self.rows.ints,
+            batch.buf)
+        return Forward(batch.layout, buf, logits, hidden, read)
 
     def sample(self, fwd: Forward, allowed: np.ndarray | None = None) -> Sampled:
         """Sample each emitting sequence's next token; `allowed` [S, ceil(V/32)] int32 is the
@@ -260,10 +279,9 @@ class ModelRunner:
             allowed = self._all_allowed(fwd.layout.max_seqs)
         else:  # placed like the all-ones mask: another placement would compile another program
             allowed = jax.device_put(allowed, self.replicated)
-        packed, top_ids, top_lp, ints, counts = self._sample(fwd.layout.for_sampling, fwd.logits, state.ints,
-                                                             state.floats,
-                                                             state.output_counts, state.prompt_mask,
-                                                             state.logit_bias, fwd.buf, allowed)
+        packed, top_ids, top_lp, ints, counts = self._sample(fwd.layout.for_sampling, fwd.logits, fwd.read,
+                                                             state.ints, state.floats, state.output_counts,
+                                                             state.prompt_mask, state.logit_bias, fwd.buf, allowed)
         self.rows = dataclasses.replace(state, ints=ints, output_counts=counts)
         packed.copy_to_host_async()  # the host reads it next; start the copy as soon as it is ready
         return Sampled(packed, top_ids, top_lp)

@@ -57,8 +57,9 @@ class StepResults:
     """The host copies of one step's device results, fetched once."""
 
     def __init__(self, sampled, input_lps, want_top: bool):
-        tokens, logprobs, self.top = sampled.fetch(want_top)
+        tokens, logprobs, self.top, read = sampled.fetch(want_top)
         self.tokens: list[int] = tokens.tolist()
+        self.read: list[int] = read.tolist()  # KV tokens attention read per sequence (sparse attention)
         self.logprobs: list[float] = logprobs.tolist()
         self.input_lps = [jax.device_get(x) for x in input_lps]  # [(chosen, top ids, top lps)] per call
 
@@ -86,11 +87,15 @@ def process_rows(rows: list[Row], results: StepResults, owed, scheduler, outbox:
     """Fold one step's results into its requests and queue their deltas."""
     input_entries = results.input_entries(owed)
     tokens, logprobs, top = results.tokens, results.logprobs, results.top
+    layers = scheduler.sparse_layers  # 0 without sparse attention
     for i, row in enumerate(rows):
         req = row.req
         req.inflight -= 1
         if req.status is Status.FINISHED:
             continue  # finished or aborted while this step ran: its results are void
+        if layers and row.start >= req.prompt_len:  # a decode step
+            req.kv_read += results.read[i]
+            req.kv_dense += layers * (row.start + row.chunk)
         input_lps = _NONE
         if req.return_logprob:
             input_lps = input_entries.get(id(row), [])
@@ -134,9 +139,10 @@ def process_rows(rows: list[Row], results: StepResults, owed, scheduler, outbox:
                 text += req.stop.finish_text()
         if reason is not None:
             scheduler.finish(req, reason)
+        sparsity = 1 - req.kv_read / req.kv_dense if req.kv_dense else None
         outbox.add(req, RequestOutput(req.rid, new, text, output_lps, input_lps, reason, req.prompt_len,
                                       req.cached_tokens, req.num_tokens - req.prompt_len, req.num_forced,
-                                      req.cached_details))
+                                      req.cached_details, sparsity))
 
 
 def _grammar_tokens(req: Request, token: int, scheduler) -> list[int]:

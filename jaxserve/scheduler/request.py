@@ -46,6 +46,7 @@ class RequestOutput:
     completion_tokens: int  # running total
     forced_tokens: int = 0  # running total of output tokens a grammar forced (jump-forward)
     cached_tokens_details: dict[str, int] | None = None  # hierarchical cache: {device, host, storage}
+    attention_sparsity_ratio: float | None = None  # sparse attention: KV tokens skipped / a dense decode's
 
     @property
     def finished(self) -> bool:
@@ -98,6 +99,9 @@ class Request:
     storage_tokens: int = 0
     loaded_tokens: int = 0
     cached_details: dict[str, int] | None = None
+    # Sparse attention: KV tokens its decode steps read, and would have read densely (all layers).
+    kv_read: int = 0
+    kv_dense: int = 0
 
     def __post_init__(self) -> None:
         # Plain attributes for what every step reads: properties cost more than the work.

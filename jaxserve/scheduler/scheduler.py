@@ -61,6 +61,8 @@ class Scheduler:
     def __init__(self, runner, cache: RadixCache, allocator: PageAllocator, *, chunk_size: int, max_step_tokens: int,
                  policy: str, overlap: bool = True, max_session_pages: int | None = None, hicache=None):
         self.runner = runner
+        # Sparse attention: decode rows count the KV tokens they read against this many layers.
+        self.sparse_layers = runner.model.config.num_layers if runner.sparse is not None else 0
         self.hicache = hicache  # memory.HiCache (host and storage tiers) or None
         self.book = PageBook(cache, allocator, runner,
                              max_session_pages=max_session_pages if max_session_pages is not None

@@ -26,6 +26,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 class ServerMetrics:
@@ -48,6 +49,9 @@ class ServerMetrics:
                              buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("jaxserve_e2e_request_latency_seconds", "Request latency, arrival to finish",
                              buckets=_E2E_BUCKETS, registry=r)
+        self.sparsity = Histogram("jaxserve_attention_sparsity_ratio", "Per request with sparse attention: KV "
+                                  "tokens its decode steps skipped / what dense steps read", buckets=_RATIO_BUCKETS,
+                                  registry=r)
         r.register(_EngineState(server_info))
 
     async def tracked(self, deltas: AsyncIterator[tuple[int, RequestOutput]], branches: int,
@@ -108,6 +112,8 @@ class RequestTracker:
             m.cached_tokens.inc(last.cached_tokens)
             for tier, tokens in (last.cached_tokens_details or {}).items():
                 m.tier_tokens.labels(tier).inc(tokens)
+            if last.attention_sparsity_ratio is not None:
+                m.sparsity.observe(last.attention_sparsity_ratio)
         m.generation_tokens.inc(self.tokens)
 
 
