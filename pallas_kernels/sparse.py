@@ -96,9 +96,16 @@ class SparseAttention:
     threshold: float | None = None
 
     def select(self, q, kmin, kmax, page_table, kv_lens, page_size: int, sm_scale: float):
-        """(page table, KV lengths) that decode attention reads."""
-        budget = jnp.where(kv_lens >= self.min_context, max(1, self.token_budget // page_size), page_table.shape[1])
-        table, lens, _ = select_pages(q, kmin, kmax, page_table, kv_lens, page_size=page_size, sm_scale=sm_scale,
-                                      budget_pages=budget, sink_pages=self.sink_pages,
-                                      recent_pages=self.recent_pages, threshold=self.threshold)
-        return table, lens
+        """(page table, KV lengths) that decode attention reads; a step whose sequences are
+        all shorter than the budget or `min_context` skips the selection."""
+        budget_pages = max(1, self.token_budget // page_size)
+        sparse = kv_lens >= max(self.min_context, budget_pages * page_size + 1)
+
+        def select():
+            budget = jnp.where(sparse, budget_pages, page_table.shape[1])
+            table, lens, _ = select_pages(q, kmin, kmax, page_table, kv_lens, page_size=page_size,
+                                          sm_scale=sm_scale, budget_pages=budget, sink_pages=self.sink_pages,
+                                          recent_pages=self.recent_pages, threshold=self.threshold)
+            return table, lens
+
+        return jax.lax.cond(jnp.any(sparse), select, lambda: (page_table, kv_lens))

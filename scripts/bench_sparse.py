@@ -1,0 +1,187 @@
+"""Quest sparse decode attention on the bundled SmolLM2: speed, retrieval, fidelity.
+
+    python scripts/bench_sparse.py speed --contexts 2048 4096 8192 --batch 8 --budgets 512 1024
+    python scripts/bench_sparse.py passkey --lengths 1024 2048 4096 8000 --depths 0.1 0.5 0.9 --budgets 512 1024
+    python scripts/bench_sparse.py fidelity --length 4096 --steps 32 --budgets 512 1024
+
+`speed`: B requests of C random-token prompts decode 32 tokens each (greedy, ignore_eos),
+dense and with each token budget; decode tokens/s once every request decodes, ms per step,
+and the sparsity ratio the requests report. `passkey`: a 5-digit key hidden at a depth of a
+filler text of L tokens, asked for at the end; the share of (length, depth) cells whose
+greedy answer contains the key, per budget. `fidelity`: the model is run directly (no
+engine) on a long natural prompt, teacher-forced with dense greedy's continuation: mean
+KL(dense || sparse) and top-1 agreement of next-token distributions over the decode steps.
+Each config is its own engine (warm-up excluded); sequences shorter than the budget are
+dense, `--min-context` makes shorter ones dense too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import time
+
+import numpy as np
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+QUESTION = "What is the pass key? The pass key is"
+
+
+def make_engine(budget: int | None, context: int, batch: int, min_context: int):
+    import jaxserve
+
+    sparse = {} if budget is None else dict(sparse_attention="quest", sparse_attention_token_budget=budget,
+                                            sparse_attention_min_context=min_context)
+    return jaxserve.Engine(None, context_length=context + 64, max_total_tokens=batch * (context + 64) + 64,
+                           max_running_requests=batch, **sparse)
+
+
+def label(budget: int | None) -> str:
+    return "dense" if budget is None else f"quest {budget}"
+
+
+async def decode_round(engine, prompts: list[list[int]], new_tokens: int):
+    params = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True}
+
+    async def one(ids):
+        times, last = [], None
+        async for chunk in await engine.async_generate(input_ids=ids, sampling_params=params, stream=True):
+            times += [time.perf_counter()] * (chunk["meta_info"]["completion_tokens"] - len(times))
+            last = chunk
+        return times, last["meta_info"].get("attention_sparsity_ratio", 0.0)
+
+    return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def speed(args) -> None:
+    print("| context | batch | attention | decode tok/s | ms per step | sparsity ratio | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for context in args.contexts:
+        prompts = [rng.integers(100, 49000, size=context).tolist() for _ in range(args.batch)]
+        base = None
+        for budget in [None, *args.budgets]:
+            engine = make_engine(budget, context, args.batch, args.min_context)
+            try:
+                asyncio.run(decode_round(engine, [p[:64] for p in prompts], 4))  # warm the decode programs
+                engine.flush_cache()
+                runs = asyncio.run(decode_round(engine, prompts, args.new_tokens))
+            finally:
+                engine.shutdown()
+            start = max(t[0] for t, _ in runs)
+            tokens = sum(sum(1 for x in t if x > start) for t, _ in runs)
+            tps = tokens / (max(t[-1] for t, _ in runs) - start)
+            base = base or tps
+            ratio = np.mean([r for _, r in runs])
+            print(f"| {context} | {args.batch} | {label(budget)} | {tps:.1f} | {1000 * args.batch / tps:.1f} | "
+                  f"{ratio:.2f} | {tps / base:.2f}x |", flush=True)
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
+    filler = tokenizer.encode(FILLER * (length // 20 + 2), add_special_tokens=False)
+    needle = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)
+    question = tokenizer.encode(" " + QUESTION, add_special_tokens=False)
+    body = length - len(needle) - len(question)
+    at = int(body * depth)
+    return filler[:at] + needle + filler[at:body] + question
+
+
+def passkey(args) -> None:
+    rng = np.random.default_rng(1)
+    cells = [(n, d, int(rng.integers(10000, 99999))) for n in args.lengths for d in args.depths]
+    results = {}
+    for budget in [None, *args.budgets]:
+        engine = make_engine(budget, max(args.lengths), 1, args.min_context)
+        try:
+            tok = engine.tokenizer
+            out = []
+            for n, d, key in cells:
+                r = engine.generate(input_ids=passkey_prompt(tok, n, d, key),
+                                    sampling_params={"temperature": 0, "max_new_tokens": 8})
+                out.append((str(key) in r["text"], r["output_ids"], r["meta_info"].get("attention_sparsity_ratio", 0)))
+        finally:
+            engine.shutdown()
+        results[budget] = out
+    print("| attention | " + " | ".join(f"L={n} d={d}" for n, d, _ in cells) + " | found | greedy = dense |")
+    print("|---|" + "---|" * (len(cells) + 2))
+    for budget, out in results.items():
+        same = np.mean([o[1] == dense[1] for o, dense in zip(out, results[None])])
+        print(f"| {label(budget)} | " + " | ".join(("yes" if ok else "no") + (f" ({ratio:.2f})" if budget else "")
+                                                   for ok, _, ratio in out)
+              + f" | {sum(o[0] for o in out)}/{len(out)} | {100 * same:.0f}% |", flush=True)
+
+
+def fidelity(args) -> None:
+    import jax
+    from flax import nnx
+
+    from jaxserve.models import ForwardBatch
+    from jaxserve.weights import load
+    from pallas_kernels.sparse import SparseAttention, new_bounds
+
+    model = load(None, dtype="float32")
+    cfg, page = model.config, model.page_size
+    prompt = passkey_prompt(model.tokenizer, args.length, 0.5, 51234)
+    pages = np.arange(1, -(-(len(prompt) + args.steps) // page) + 1)
+
+    @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3, 4, 5))
+    def step(sparse, batch, params, k, v, bounds):
+        m = nnx.merge(model.graphdef, params)
+        hidden, k, v, bounds, _ = m(batch, k, v, bounds, sparse)
+        return m.logits(hidden[-1:]), k, v, bounds
+
+    def run(sparse, forced=None):
+        """Logits of each decode step and the tokens fed (greedy, or `forced`)."""
+        k, v = model.new_kv_cache(len(pages) + 1)
+        lo, hi = new_bounds(cfg.num_layers * k.shape[1], cfg.num_kv_heads, cfg.head_dim)
+        bounds = tuple(b.reshape(cfg.num_layers, k.shape[1], cfg.num_kv_heads, cfg.head_dim) for b in (lo, hi))
+        for start in range(0, len(prompt), 512):
+            chunk = prompt[start:start + 512]
+            logits, k, v, bounds = step(sparse, ForwardBatch.build([(chunk, start, pages)], page), model.params,
+                                        k, v, bounds)
+        out, tokens = [], []
+        for i in range(args.steps):
+            out.append(np.asarray(logits[0], np.float64))
+            tokens.append(forced[i] if forced is not None else int(np.argmax(logits[0])))
+            batch = ForwardBatch.build([([tokens[-1]], len(prompt) + i, pages)], page, num_tokens=1, max_seqs=1)
+            logits, k, v, bounds = step(sparse, batch, model.params, k, v, bounds)
+        return out, tokens
+
+    dense, dense_tokens = run(None)
+    print("| prompt tokens | attention | mean KL (nats) | top-1 agreement |")
+    print("|---|---|---|---|")
+    for budget in args.budgets:
+        sparse, _ = run(SparseAttention(budget, args.min_context), dense_tokens)
+        kl, agree = [], []
+        for a, b in zip(dense, sparse):
+            la, lb = a - np.logaddexp.reduce(a), b - np.logaddexp.reduce(b)
+            kl.append(float((np.exp(la) * (la - lb)).sum()))
+            agree.append(a.argmax() == b.argmax())
+        print(f"| {len(prompt)} | {label(budget)} | {np.mean(kl):.4f} | {np.mean(agree):.3f} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["speed", "passkey", "fidelity"])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--min-context", type=int, default=0)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8000])
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.contexts, args.batch, args.new_tokens, args.budgets = [256], 2, 4, [64]
+        args.lengths, args.depths, args.length, args.steps = [300], [0.5], 300, 4
+    {"speed": speed, "passkey": passkey, "fidelity": fidelity}[args.mode](args)
+    print(json.dumps({"mode": args.mode}))
+
+
+if __name__ == "__main__":
+    main()
