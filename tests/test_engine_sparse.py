@@ -93,3 +93,22 @@ def test_flags_are_checked(tiny_dir):
         ServerArgs(sparse_attention="dense").validate()
     with pytest.raises(ServerArgsError, match=r"\(0, 1\)"):
         ServerArgs(attention_sparsity_threshold=1.5).validate()
+
+
+def test_server_reports_the_ratio_and_its_histogram(tmp_path_factory):
+    import httpx
+
+    from tests.server_harness import running_server
+
+    with running_server(tmp_path_factory, sparse_attention="quest", sparse_attention_token_budget=32,
+                        sparse_attention_min_context=64) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as http:
+        ids = np.random.default_rng().integers(3, 49152, size=150).tolist()
+        r = http.post("/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 8,
+                                                                                "temperature": 0}})
+        assert r.status_code == 200
+        ratio = r.json()["meta_info"]["attention_sparsity_ratio"]
+        assert 0.5 < ratio < 1
+        metrics = http.get("/metrics").text
+        assert "jaxserve_attention_sparsity_ratio_count 1.0" in metrics
+        assert f"jaxserve_attention_sparsity_ratio_sum {ratio}" in metrics
