@@ -86,8 +86,7 @@ class Attention(nnx.Module):
         else:
             out = pallas_kernels.ragged_paged_attention(
                 q, k_pages, v_pages, kv_lens, table, batch.cu_q_lens, batch.num_seqs, **common)
-        out = self.o_proj(out.reshape(t, -1))
-        return (out, k_pages, v_pages) if bounds is None else (out, k_pages, v_pages, bounds, kv_lens)
+        return self.o_proj(out.reshape(t, -1)), k_pages, v_pages, bounds, kv_lens
 
 
 class MLP(nnx.Module):
@@ -109,10 +108,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype, rngs, quant)
 
     def __call__(self, h, cos, sin, batch, k_pages, v_pages, page_offset, attn, bounds=None):
-        a, k_pages, v_pages, *extra = self.attn(self.input_norm(h), cos, sin, batch, k_pages, v_pages, page_offset,
-                                                attn, bounds)
+        """(h, k_pages, v_pages, bounds, KV tokens attention read per sequence)."""
+        a, k_pages, v_pages, bounds, read = self.attn(self.input_norm(h), cos, sin, batch, k_pages, v_pages,
+                                                      page_offset, attn, bounds)
         h = h + a
-        return h + self.mlp(self.post_norm(h)), k_pages, v_pages, *extra
+        return h + self.mlp(self.post_norm(h)), k_pages, v_pages, bounds, read
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -165,30 +165,21 @@ class LlamaForCausalLM(nnx.Module):
         graphdef, layer_state = nnx.split(self.layers)
         attn = {"impl": self.attention_impl, "interpret": self.interpret, "sparse": sparse}
         flat = (num_layers * num_pages, *shape[2:])
+
+        def body(carry, state):
+            h, k_pages, v_pages, bounds, read, layer = carry
+            h, k_pages, v_pages, bounds, read_lens = nnx.merge(graphdef, state)(
+                h, cos, sin, batch, k_pages, v_pages, layer * num_pages, attn, bounds)
+            return (h, k_pages, v_pages, bounds, read + read_lens, layer + 1), None
+
+        flat_bounds = None if bounds is None else tuple(b.reshape(num_layers * num_pages, *b.shape[2:]) for b in bounds)
+        init = (h, k_cache.reshape(flat), v_cache.reshape(flat), flat_bounds, jnp.zeros_like(batch.kv_lens),
+                jnp.int32(0))
+        (h, k_flat, v_flat, flat_bounds, read, _), _ = jax.lax.scan(body, init, layer_state)
+        out = self.norm(h), k_flat.reshape(shape), v_flat.reshape(shape)
         if bounds is None:
-            def body(carry, state):
-                h, k_pages, v_pages, layer = carry
-                h, k_pages, v_pages = nnx.merge(graphdef, state)(
-                    h, cos, sin, batch, k_pages, v_pages, layer * num_pages, attn)
-                return (h, k_pages, v_pages, layer + 1), None
-
-            init = (h, k_cache.reshape(flat), v_cache.reshape(flat), jnp.int32(0))
-            (h, k_flat, v_flat, _), _ = jax.lax.scan(body, init, layer_state)
-            return self.norm(h), k_flat.reshape(shape), v_flat.reshape(shape)
-
-        def sparse_body(carry, state):
-            h, k_pages, v_pages, lo, hi, read, layer = carry
-            h, k_pages, v_pages, (lo, hi), read_lens = nnx.merge(graphdef, state)(
-                h, cos, sin, batch, k_pages, v_pages, layer * num_pages, attn, (lo, hi))
-            read = read + read_lens
-            return (h, k_pages, v_pages, lo, hi, read, layer + 1), None
-
-        bshape = bounds[0].shape
-        lo, hi = (b.reshape(num_layers * num_pages, *bshape[2:]) for b in bounds)
-        init = (h, k_cache.reshape(flat), v_cache.reshape(flat), lo, hi, jnp.zeros_like(batch.kv_lens), jnp.int32(0))
-        (h, k_flat, v_flat, lo, hi, read, _), _ = jax.lax.scan(sparse_body, init, layer_state)
-        return (self.norm(h), k_flat.reshape(shape), v_flat.reshape(shape),
-                (lo.reshape(bshape), hi.reshape(bshape)), read)
+            return out
+        return *out, tuple(b.reshape(bounds[0].shape) for b in flat_bounds), read
 
     def logits(self, hidden):
         """Float32 logits [N, vocab] of final hidden states [N, H]."""
