@@ -16,9 +16,13 @@ def hf_model():
 
 
 @pytest.fixture(scope="module")
-def ours(smollm2_engine):
-    model = smollm2_engine.model  # the shared engine's loaded model; `logits` uses its own KV cache
-    assert np.dtype(model.dtype) == np.float32
+def ours():
+    from jaxserve.weights import load
+
+    # float32 from the dequantized file, as transformers loads it (the engine's CPU default
+    # keeps the Q4_1 blocks and re-quantizes the embedding: tests/test_quant_models.py)
+    model = load(None, dtype="float32")
+    assert np.dtype(model.dtype) == np.float32 and model.quant == {}
     return model
 
 
