@@ -41,7 +41,7 @@ def page_values(values: list[float]) -> tuple[np.ndarray, np.ndarray]:
 
 def make_tiers(policy: str):
     zeros = jnp.zeros((LAYERS, DEVICE_PAGES, PS, HEADS, DIM), jnp.float32)
-    pool = types.SimpleNamespace(k_cache=zeros, v_cache=zeros + 0,
+    pool = types.SimpleNamespace(k_cache=zeros, v_cache=zeros + 0, bounds=None,
                                  kv_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     io = PageIO(pool, max_pages=4)
     allocator = PageAllocator(DEVICE_PAGES)

@@ -31,8 +31,9 @@ def transfer_buckets(max_pages: int = MAX_TRANSFER_PAGES) -> list[int]:
 
 
 class PageIO:
-    """Gather / scatter of whole pages of `runner`'s KV pool (see the module doc).
-    `max_pages` (a power of two) is the largest piece."""
+    """Gather / scatter of whole pages of `runner`'s KV pool (see the module doc): it reads
+    and replaces `runner.k_cache`, `v_cache` and `bounds` (the pages' key bounds with sparse
+    attention, else None). `max_pages` (a power of two) is the largest piece."""
 
     def __init__(self, runner, max_pages: int = MAX_TRANSFER_PAGES):
         self.runner = runner
@@ -62,7 +63,7 @@ class PageIO:
                           bounds[1].at[:, pages].set(k.max(axis=2).astype(bounds[1].dtype)))
             return k_cache.at[:, pages].set(k), v_cache.at[:, pages].set(v), bounds
 
-        bounds = self.runner.bounds_sharding if self.runner.sparse is not None else None
+        bounds = None if self.runner.bounds is None else self.runner.bounds_sharding
         return jax.jit(scatter, donate_argnums=(0, 1, 2), out_shardings=(kv, kv, bounds))
 
     def gather(self, pages: np.ndarray) -> list[tuple[int, jax.Array, jax.Array]]:
