@@ -39,13 +39,20 @@ def test_budget_of_the_whole_context_is_dense(tiny_dir, prompts, dense):
         e.shutdown()
 
 
-def _tree_pages(cache) -> list[int]:
-    pages, stack = [], [cache.root]
+def assert_tree_bounds_exact(engine) -> None:
+    """Every page the device radix tree holds is full: its bounds are its keys' exact min / max."""
+    pages, stack = [], [engine.scheduler.cache.root]
     while stack:
         node = stack.pop()
-        pages.extend(int(p) for p in node.pages)
+        if node.pages is not None:  # a host-only node (hierarchical cache) has no device pages
+            pages.extend(int(p) for p in node.pages)
         stack.extend(node.children.values())
-    return pages
+    assert pages
+    runner = engine.scheduler.runner
+    k = np.asarray(runner.k_cache)[:, pages]  # [L, n, page, H, D]
+    lo, hi = (np.asarray(b)[:, pages] for b in runner.bounds)
+    np.testing.assert_array_equal(lo, k.min(axis=2))
+    np.testing.assert_array_equal(hi, k.max(axis=2))
 
 
 def test_tight_budget_reads_less_and_keeps_state_exact(tiny_dir, prompts, dense):
@@ -72,14 +79,7 @@ def test_tight_budget_reads_less_and_keeps_state_exact(tiny_dir, prompts, dense)
         for r, d, n in zip(results, dense, map(len, prompts)):
             if n < 64 - GREEDY["max_new_tokens"]:
                 assert r["output_ids"] == d  # never sparse: the same tokens as the dense engine
-        # every page the radix tree holds is full: its bounds are its keys' exact min / max
-        runner = e.scheduler.runner
-        pages = _tree_pages(e.scheduler.cache)
-        assert pages
-        k = np.asarray(runner.k_cache)[:, pages]  # [L, n, page, H, D]
-        lo, hi = (np.asarray(b)[:, pages] for b in runner.bounds)
-        np.testing.assert_array_equal(lo, k.min(axis=2))
-        np.testing.assert_array_equal(hi, k.max(axis=2))
+        assert_tree_bounds_exact(e)
     finally:
         e.shutdown()
 

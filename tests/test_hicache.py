@@ -249,3 +249,20 @@ def test_storage_faults_cost_only_the_storage_tier(model, reference, long_prompt
 def test_flags_that_make_no_sense_are_clear_errors(kw, match):
     with pytest.raises(ServerArgsError, match=match):
         ServerArgs(**kw)
+
+
+def test_sparse_attention_bounds_follow_pages_loaded_from_host(model, reference):
+    """Pages loaded back from the host get their key bounds from the loaded keys: every page
+    the device tree holds afterwards has exact bounds (the budget covers the context, so
+    the replies are the dense reference's)."""
+    from tests.test_engine_sparse import assert_tree_bounds_exact
+
+    engine = make(model, max_total_tokens=SMALL_POOL, enable_hierarchical_cache=True, hicache_ratio=4,
+                  sparse_attention="quest", sparse_attention_token_budget=256, sparse_attention_min_context=0)
+    try:
+        outputs, details = run_workload(engine)
+        assert_same(outputs, reference[0])
+        assert tier_totals(details)["host"] > 0
+        assert_tree_bounds_exact(engine)
+    finally:
+        engine.shutdown()
