@@ -1,7 +1,7 @@
 """Quest sparse attention through the engine (tiny random Llama): a budget of the whole
-context changes no greedy output; a tight one reads fewer KV tokens (reported per request),
-keeps page accounting exact under retraction, compiles nothing after warm-up, and keeps
-every cached page's key bounds exact."""
+context changes no greedy output; a tight one reads fewer KV tokens (reported per request
+and, over HTTP, as a /metrics histogram), keeps page accounting exact under retraction,
+compiles nothing after warm-up, and keeps every cached page's key bounds exact."""
 
 import numpy as np
 import pytest
@@ -80,8 +80,31 @@ def test_tight_budget_reads_less_and_keeps_state_exact(tiny_dir, prompts, dense)
             if n < 64 - GREEDY["max_new_tokens"]:
                 assert r["output_ids"] == d  # never sparse: the same tokens as the dense engine
         assert_tree_bounds_exact(e)
+        assert_server_reports_the_ratio(e)
     finally:
         e.shutdown()
+
+
+def assert_server_reports_the_ratio(engine) -> None:
+    """Over HTTP: the ratio in `meta_info`, and its histogram in /metrics."""
+    import httpx
+
+    from jaxserve.server import ServerThread
+
+    server = ServerThread(engine)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            ids = np.random.default_rng().integers(3, 49152, size=150).tolist()
+            r = http.post("/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 8,
+                                                                                    "temperature": 0}})
+            assert r.status_code == 200
+            ratio = r.json()["meta_info"]["attention_sparsity_ratio"]
+            assert 0.5 < ratio < 1
+            metrics = http.get("/metrics").text
+            assert "jaxserve_attention_sparsity_ratio_count 1.0" in metrics
+            assert f"jaxserve_attention_sparsity_ratio_sum {ratio}" in metrics
+    finally:
+        server.stop()
 
 
 def test_flags_are_checked(tiny_dir):
@@ -93,22 +116,3 @@ def test_flags_are_checked(tiny_dir):
         ServerArgs(sparse_attention="dense").validate()
     with pytest.raises(ServerArgsError, match=r"\(0, 1\)"):
         ServerArgs(attention_sparsity_threshold=1.5).validate()
-
-
-def test_server_reports_the_ratio_and_its_histogram(tmp_path_factory):
-    import httpx
-
-    from tests.server_harness import running_server
-
-    with running_server(tmp_path_factory, sparse_attention="quest", sparse_attention_token_budget=32,
-                        sparse_attention_min_context=64) as server, \
-            httpx.Client(base_url=server.url, timeout=60) as http:
-        ids = np.random.default_rng().integers(3, 49152, size=150).tolist()
-        r = http.post("/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 8,
-                                                                                "temperature": 0}})
-        assert r.status_code == 200
-        ratio = r.json()["meta_info"]["attention_sparsity_ratio"]
-        assert 0.5 < ratio < 1
-        metrics = http.get("/metrics").text
-        assert "jaxserve_attention_sparsity_ratio_count 1.0" in metrics
-        assert f"jaxserve_attention_sparsity_ratio_sum {ratio}" in metrics
