@@ -145,10 +145,7 @@ class ModelRunner:
         self.k_cache = self.v_cache = self.bounds = None  # free the old pool before allocating the new one
         self.k_cache, self.v_cache = self.model.new_kv_cache(self.num_pages)
         if self.sparse is not None:
-            cfg = self.model.config
-            shape = (cfg.num_layers, self.num_pages, cfg.num_kv_heads, cfg.head_dim)
-            self.bounds = jax.jit(lambda: tuple(b.reshape(shape) for b in new_bounds(
-                cfg.num_layers * self.num_pages, cfg.num_kv_heads, cfg.head_dim)), out_shardings=self.bounds_sharding)()
+            self.bounds = self._new_bounds()
         put = functools.partial(jax.device_put, device=self.replicated)
         self.rows = jax.tree.map(put, RowState.zeros(self.num_rows, self.vocab))
         self.page_table = put(np.zeros((self.num_rows, self.pages_per_seq), np.int32))  # [rows, pages_per_seq]
@@ -182,6 +179,14 @@ class ModelRunner:
 
     def _constrain(self, tree):
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.replicated), tree)
+
+    @functools.cached_property
+    def _new_bounds(self):
+        """Empty key bounds of every page, compiled once (a reset after a failed step reuses it)."""
+        cfg = self.model.config
+        shape = (cfg.num_layers, self.num_pages, cfg.num_kv_heads, cfg.head_dim)
+        return jax.jit(lambda: tuple(b.reshape(shape) for b in new_bounds(
+            cfg.num_layers * self.num_pages, cfg.num_kv_heads, cfg.head_dim)), out_shardings=self.bounds_sharding)
 
     @functools.cached_property
     def _forward(self):
