@@ -19,6 +19,10 @@ def _serve(args) -> None:
     logging.getLogger().setLevel(server_args.log_level.upper())
     if args.trust_remote_code:
         logging.info("--trust-remote-code is accepted and ignored: jaxserve runs no model code from the hub")
+    if server_args.dp_size > 1:
+        from jaxserve.distributed.data_parallel import serve_data_parallel
+
+        sys.exit(serve_data_parallel(server_args, shutdown_timeout=args.shutdown_timeout))
     try:
         serve(server_args, shutdown_timeout=args.shutdown_timeout)
     except FileNotFoundError as e:  # --model-path: the message says where it looked

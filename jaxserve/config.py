@@ -81,6 +81,14 @@ class ServerArgs:
     max_request_body_bytes: int = 32 << 20  # larger bodies get 413
     served_model_name: str | None = None
     log_level: str = "info"
+    # Scale-out (docs/DEPLOYMENT.md): replicas behind SGLang's router, and one model over the
+    # devices of several hosts on JAX's multi-controller runtime (jaxserve/distributed/).
+    dp_size: int = 1  # replicas, each its own process, behind `sglang_router` on --port
+    router_policy: str = "cache_aware"  # cache_aware | round_robin | power_of_two | random
+    nnodes: int = 1  # processes (hosts) that share one model
+    node_rank: int = 0  # this process; 0 runs the scheduler and the HTTP server
+    dist_init_addr: str | None = None  # HOST:PORT of node 0's coordinator (bound on node 0)
+    dist_timeout: int = 10  # seconds: a peer silent this long ends every process
 
     def __post_init__(self):
         self.validate()
@@ -113,6 +121,22 @@ class ServerArgs:
         need(self.max_sessions >= 1, "--max-sessions must be >= 1")
         need(self.max_request_body_bytes >= 1024, "--max-request-body-bytes must be >= 1024")
         self._validate_hicache(need)
+        self._validate_scale_out(need)
+
+    def _validate_scale_out(self, need) -> None:
+        need(self.dp_size >= 1, f"--dp-size must be >= 1, got {self.dp_size}")
+        policies = ("cache_aware", "round_robin", "power_of_two", "random")
+        need(self.router_policy in policies,
+             f"--router-policy must be one of {', '.join(policies)}, got {self.router_policy!r}")
+        need(self.nnodes >= 1, f"--nnodes must be >= 1, got {self.nnodes}")
+        need(0 <= self.node_rank < self.nnodes, f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        need(self.dist_timeout >= 1, f"--dist-timeout must be >= 1 second, got {self.dist_timeout}")
+        if self.nnodes > 1:
+            host, _, port = (self.dist_init_addr or "").rpartition(":")
+            need(bool(host) and port.isdigit(),
+                 f"--nnodes {self.nnodes} needs --dist-init-addr HOST:PORT (node 0's address), got {self.dist_init_addr!r}")
+            need(self.dp_size == 1, "--dp-size with --nnodes: start one multi-node replica per router worker instead")
+            need(not self.enable_hierarchical_cache, "--enable-hierarchical-cache is not supported with --nnodes > 1")
 
     def _validate_hicache(self, need) -> None:
         need(self.sparse_attention in ("none", "quest"),
@@ -171,6 +195,20 @@ class ServerArgs:
             parser.add_argument(*flags, type=base, default=field.default)
         parser.add_argument("--trust-remote-code", action="store_true",
                             help="accepted for SGLang compatibility; jaxserve runs no model code from the hub")
+
+    def to_cli(self, **overrides) -> list[str]:
+        """The flags that give this config (fields at their default are left out)."""
+        flags = []
+        for field in dataclasses.fields(self):
+            value = overrides.get(field.name, getattr(self, field.name))
+            if value == field.default:
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            if isinstance(value, bool):
+                flags.append(flag if value else "--no-" + flag[2:])
+            else:
+                flags += [flag, str(value)]
+        return flags
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "ServerArgs":

@@ -43,11 +43,12 @@ GENERATE = RequestModel("GenerateRequest", "the /generate request", {
     "return_text_in_logprobs": BOOL,
     "session_params": checked_later({"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]},
                                     "continue an open session"),
-}, exactly_one=("text", "input_ids"), ignored=("log_metrics",),
+}, exactly_one=("text", "input_ids"), ignored=("log_metrics", "model", "no_logs"),  # `model`: the router's
     # SGLang request fields for features we lack: accepted while null / false (clients send defaults).
     unsupported=("image_data", "audio_data", "video_data", "input_embeds", "lora_path", "modalities",
                  "custom_logit_processor", "return_hidden_states", "token_ids_logprob", "bootstrap_host",
-                 "bootstrap_port", "bootstrap_room", "data_parallel_rank"))
+                 "bootstrap_port", "bootstrap_room", "data_parallel_rank", "background", "return_bytes",
+                 "return_entropy"))
 # SGLang clients send {}, nothing, or options
 ANY_OBJECT = RequestModel("AnyObject", "the request", open=True, empty_ok=True)
 ABORT = RequestModel("AbortRequest", "the /abort_request request", {"rid": STR, "abort_all": BOOL})
@@ -102,7 +103,18 @@ def native_routes(state: ServerState) -> list[Route]:
 
     async def get_server_info(request: Request) -> Response:
         """The server's arguments, pool sizes, page accounting and counters."""
-        return json_response({**await asyncio.to_thread(engine.get_server_info), "version": __version__})
+        info = await asyncio.to_thread(engine.get_server_info)
+        # Routers name the model from these (the bundled model has no path of its own).
+        info.update(model_path=state.args.model_path or state.model_name, served_model_name=state.model_name)
+        return json_response({**info, "version": __version__})
+
+    async def get_load(request: Request) -> Response:
+        """SGLang's load report (what routers poll): one entry per data-parallel rank, with
+        the requests running and waiting and the tokens their KV pages hold."""
+        info = await asyncio.to_thread(engine.get_server_info)
+        held = info["locked_pages"] + info["private_pages"]
+        return json_response([{"dp_rank": 0, "num_reqs": info["num_running_reqs"] + info["num_waiting_reqs"],
+                               "num_waiting_reqs": info["num_waiting_reqs"], "num_tokens": held * info["page_size"]}])
 
     async def health(request: Request) -> Response:
         """200 with radix-cache stats while the scheduler lives, else 503 (needs no API key)."""
@@ -214,6 +226,7 @@ def native_routes(state: ServerState) -> list[Route]:
         Route("/model_info", get_model_info, methods=["GET"]),
         Route("/get_server_info", get_server_info, methods=["GET"]),
         Route("/server_info", get_server_info, methods=["GET"]),
+        Route("/get_load", get_load, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/health_generate", health_generate, methods=["GET"]),
         Route("/flush_cache", flush_cache, methods=["POST", "GET"]),

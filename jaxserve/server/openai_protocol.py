@@ -55,7 +55,9 @@ _RESPONSE_FORMAT = Kind(OBJECT.check, OBJECT.what, {"type": "object", "propertie
     "required": ["type"]})
 _COMMON = {"model": STR, "max_tokens": _MAX_TOKENS, "n": _sampling_kind("n", INT), "stream": BOOL,
            "stream_options": nested(STREAM_OPTIONS), "rid": STR, "response_format": _RESPONSE_FORMAT, **{name: kind for name, (_, kind) in _SAMPLING.items()}}
-_IGNORED = ("user", "store", "metadata", "service_tier")
+# SGLang's router re-sends every request with its own defaults; reasoning separation is a
+# no-op without a reasoning parser, and hidden states are refused unless false.
+_IGNORED = ("user", "store", "metadata", "service_tier", "separate_reasoning", "stream_reasoning")
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 _IDS_OR_TEXT = [{"type": "string", "minLength": 1},
                 {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
@@ -63,7 +65,7 @@ _IDS_OR_TEXT = [{"type": "string", "minLength": 1},
 COMPLETION = RequestModel("CompletionRequest", "the /v1/completions request", {
     **_COMMON, "prompt": checked_later({"oneOf": _IDS_OR_TEXT}, "text, texts, token ids or lists of token ids"),
     "logprobs": int_range(0, 20), "echo": BOOL, "best_of": _sampling_kind("n", INT),
-}, required=("model", "prompt"), ignored=_IGNORED, unsupported=("suffix",))
+}, required=("model", "prompt"), ignored=_IGNORED, unsupported=("suffix", "return_hidden_states"))
 _TEXT_PART = {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
               "required": ["type", "text"]}
 _MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
@@ -76,7 +78,8 @@ CHAT = RequestModel("ChatCompletionRequest", "the /v1/chat/completions request",
     "max_completion_tokens": _MAX_TOKENS, "logprobs": BOOL, "top_logprobs": int_range(0, 20),
     "chat_template_kwargs": OBJECT,
 }, required=("model", "messages"), ignored=(*_IGNORED, "parallel_tool_calls", "tool_choice"),
-    unsupported=("tools", "functions", "function_call", "audio", "modalities", "prediction", "web_search_options"))
+    unsupported=("tools", "functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
+                 "return_hidden_states", "continue_final_message"))
 
 # Engine messages name SGLang fields; OpenAI clients know them by these names.
 _RENAMES = (("sampling_params.max_new_tokens", "max_tokens"), ("max_new_tokens", "max_tokens"),
