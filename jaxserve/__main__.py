@@ -19,6 +19,15 @@ def _serve(args) -> None:
     logging.getLogger().setLevel(server_args.log_level.upper())
     if args.trust_remote_code:
         logging.info("--trust-remote-code is accepted and ignored: jaxserve runs no model code from the hub")
+    if server_args.nnodes > 1:
+        from jaxserve.distributed.multihost import initialize, run_follower
+
+        try:
+            initialize(server_args)  # before any other JAX call
+        except ServerArgsError as e:
+            sys.exit(f"error: {e}")
+        if server_args.node_rank != 0:
+            sys.exit(run_follower(server_args))
     if server_args.dp_size > 1:
         from jaxserve.distributed.data_parallel import serve_data_parallel
 

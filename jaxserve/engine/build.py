@@ -10,6 +10,8 @@ import numpy as np
 
 from jaxserve import sharding
 from jaxserve.config import ServerArgs
+from jaxserve.distributed.mirror import LeaderRunner
+from jaxserve.distributed.multihost import agree_on_pages
 from jaxserve.memory import (FileStorage, HiCache, HiRadixCache, HostKVPool, KVPoolSize, NoRadixCache, PageAllocator,
                              RadixCache, host_pool_pages, size_kv_pool, storage_namespace)
 from jaxserve.runner import ModelRunner, PageIO, compile_count
@@ -50,7 +52,21 @@ def sparse_config(args: ServerArgs) -> SparseAttention | None:
                            threshold=args.attention_sparsity_threshold)
 
 
-def build(args: ServerArgs) -> Parts:
+@dataclasses.dataclass
+class Core:
+    """What every node of a multi-host model builds alike: the model, the pool, the runner."""
+
+    args: ServerArgs
+    model: LoadedModel
+    context_length: int
+    pool: KVPoolSize
+    runner: ModelRunner
+    max_step_tokens: int
+    chunk: int
+
+
+def build_runner(args: ServerArgs) -> Core:
+    """The model on the mesh, the KV pool sized per device, and the runner (not warmed up)."""
     if args.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -63,13 +79,27 @@ def build(args: ServerArgs) -> Parts:
     pool = size_kv_pool(weights_bytes=weights, kv_bytes_per_token=kv_per_token, page_size=args.page_size,
                         max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
                         context_length=context_length)
+    if args.nnodes > 1:  # every node holds the same pool: the smallest any of them can
+        pages = agree_on_pages(pool.num_pages)
+        pool = dataclasses.replace(pool, num_pages=pages, max_total_tokens=(pages - 1) * args.page_size,
+                                   kv_bytes=pages * args.page_size * kv_per_token)
     logger.info(pool.log_line())
-    allocator = PageAllocator(pool.num_pages)
     chunked = args.chunked_prefill_size != -1
     max_step_tokens = args.max_prefill_tokens if chunked else max(args.max_prefill_tokens, context_length)
     chunk = min(args.chunked_prefill_size if chunked else context_length, max_step_tokens)
     runner = ModelRunner(model, pool.num_pages, args.max_running_requests, max_step_tokens, context_length,
                          sparse=sparse_config(args))
+    if args.nnodes > 1 and args.node_rank == 0:
+        runner = LeaderRunner(runner)  # every call also runs on the other nodes
+    return Core(args, model, context_length, pool, runner, max_step_tokens, chunk)
+
+
+def build(args: ServerArgs) -> Parts:
+    core = build_runner(args)
+    args, model, pool, runner, max_step_tokens, chunk = (core.args, core.model, core.pool, core.runner,
+                                                        core.max_step_tokens, core.chunk)
+    context_length = core.context_length
+    allocator = PageAllocator(pool.num_pages)
     runner.warmup()
     hicache = None
     if args.enable_hierarchical_cache:

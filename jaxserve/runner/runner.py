@@ -233,7 +233,8 @@ class ModelRunner:
                 lambda: state.output_counts)
             ints = state.ints.at[written, NUM_GENERATED].add(1).at[written, LAST_TOKEN].set(out.tokens)
             packed = jnp.stack([out.tokens, jax.lax.bitcast_convert_type(out.logprobs, jnp.int32), read])
-            return packed, top_ids, top_lp, self._constrain(ints), self._constrain(counts)
+            # Replicated results: any process (node 0 of a multi-host mesh too) reads them whole.
+            return (*self._constrain((packed, top_ids, top_lp)), self._constrain(ints), self._constrain(counts))
 
         # Only the int table and the counts change; the rest of the row state is read, not donated.
         return jax.jit(sample, static_argnums=(0,), donate_argnums=(3, 5))
@@ -247,7 +248,7 @@ class ModelRunner:
             log_probs = jax.nn.log_softmax(model.logits(hidden[positions]), axis=-1)  # [L, V]
             chosen = jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
             top_lp, top_ids = _top_logprobs(log_probs, want_top)
-            return chosen, top_ids, top_lp
+            return self._constrain((chosen, top_ids, top_lp))
 
         return jax.jit(input_logprobs)
 
