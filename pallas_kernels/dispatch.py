@@ -9,14 +9,20 @@ impl names:
   "auto"       gpu -> triton, tpu -> tpu, anything else -> reference.
 A kernel that cannot run a shape (e.g. a head_dim that is not a power of two on GPU)
 falls back to the reference, with one log line per distinct reason.
+
+With a `mesh` whose "model" axis splits the KV heads (tensor parallelism), a kernel runs
+under `shard_map`: each device attends with its own query and KV heads (whole GQA
+groups), and nothing is gathered. XLA partitions the jnp reference by itself.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import decode_reference, reference, tpu_decode, tpu_ragged, triton_decode, triton_ragged
 from pallas_kernels import tpu_pages, triton_pages
@@ -70,9 +76,20 @@ def _check_heads(q, k_pages, v_pages):
         raise ValueError(f"q {q.shape} does not fit KV pages {k_pages.shape} (head_dim, GQA ratio)")
 
 
+def _on_each_device(kernel, mesh, q, k_pages, v_pages, *rest):
+    """`kernel(q, k_pages, v_pages, *rest)`, per device over its heads when `mesh` splits
+    both the query heads and the KV heads; the other arguments are whole on every device."""
+    tp = 1 if mesh is None else mesh.shape.get("model", 1)
+    if tp == 1 or q.shape[-2] % tp or k_pages.shape[2] % tp:
+        return kernel(q, k_pages, v_pages, *rest)
+    heads, pages = P(None, "model", None), P(None, None, "model", None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, pages, pages, *(P(),) * len(rest)), out_specs=heads,
+                         check_vma=False)(q, k_pages, v_pages, *rest)
+
+
 def ragged_paged_attention(
     q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
-    sm_scale, soft_cap=None, sliding_window=None, impl="auto", interpret=False, **tuning,
+    sm_scale, soft_cap=None, sliding_window=None, impl="auto", interpret=False, mesh=None, **tuning,
 ):
     """Attention of a ragged batch (prefill, extend and decode mixed) over paged KV.
 
@@ -89,9 +106,9 @@ def ragged_paged_attention(
         return reference.ragged_paged_attention(
             q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
             sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
-    return KERNELS[impl]["ragged"](
-        q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=sm_scale,
-        soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret, **tuning)
+    kernel = functools.partial(KERNELS[impl]["ragged"], sm_scale=sm_scale, soft_cap=soft_cap,
+                               sliding_window=sliding_window, interpret=interpret, **tuning)
+    return _on_each_device(kernel, mesh, q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
 
 
 def default_num_splits(batch: int, num_kv_heads: int, impl: str) -> int:
@@ -107,7 +124,7 @@ def default_num_splits(batch: int, num_kv_heads: int, impl: str) -> int:
 def paged_decode(
     q, k_pages, v_pages, kv_lens, page_table, *,
     sm_scale, soft_cap=None, sliding_window=None, impl="auto", interpret=False,
-    num_splits=None, **tuning,
+    num_splits=None, mesh=None, **tuning,
 ):
     """Decode attention, one query token per sequence, split-K over the pages.
 
@@ -125,6 +142,6 @@ def paged_decode(
         return decode_reference.paged_decode(
             q, k_pages, v_pages, kv_lens, page_table, sm_scale=sm_scale, soft_cap=soft_cap,
             sliding_window=sliding_window, num_splits=num_splits)
-    return KERNELS[impl]["decode"](
-        q, k_pages, v_pages, kv_lens, page_table, sm_scale=sm_scale, soft_cap=soft_cap,
-        sliding_window=sliding_window, num_splits=num_splits, interpret=interpret, **tuning)
+    kernel = functools.partial(KERNELS[impl]["decode"], sm_scale=sm_scale, soft_cap=soft_cap,
+                               sliding_window=sliding_window, num_splits=num_splits, interpret=interpret, **tuning)
+    return _on_each_device(kernel, mesh, q, k_pages, v_pages, kv_lens, page_table)

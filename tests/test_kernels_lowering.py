@@ -62,3 +62,22 @@ def test_kernels_lower_with_soft_cap_and_window(kernel):
     kw = dict(sm_scale=0.125, soft_cap=30.0, sliding_window=512)
     lower(functools.partial(RAGGED[kernel], **kw), shapes("llama3-8b", jnp.bfloat16, False), PLATFORM[kernel])
     lower(functools.partial(DECODE[kernel], **kw), shapes("llama3-8b", jnp.bfloat16, True), PLATFORM[kernel])
+
+
+@pytest.mark.parametrize("kernel", sorted(PLATFORM))
+def test_kernels_lower_per_device_under_tensor_parallelism(kernel):
+    """With tp=2 the kernels run under shard_map over the KV heads: each device's program
+    is the kernel on half the heads (llama3-8b: 16 query and 4 KV heads each)."""
+    from jax.sharding import Mesh
+    import numpy as np
+
+    from pallas_kernels.dispatch import _on_each_device
+
+    mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
+    for fn, decode in ((functools.partial(DECODE[kernel], sm_scale=0.125, num_splits=4), True),
+                       (functools.partial(RAGGED[kernel], sm_scale=0.125), False)):
+        text = lower(functools.partial(_on_each_device, fn, mesh), shapes("llama3-8b", jnp.bfloat16, decode),
+                     PLATFORM[kernel])
+        assert ("__gpu$xla.gpu.triton" if kernel == "triton" else "tpu_custom_call") in text
+        assert "sdy.manual_computation" in text
+        assert "tensor<4096x16x4x128xbf16>" in text  # each device's program sees its 4 of the 8 KV heads

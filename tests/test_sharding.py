@@ -57,3 +57,25 @@ def test_quantized_tp_matches_single_device(model_dir):
     assert q["kernel"].dtype == np.int8 and q["kernel"].addressable_shards[0].data.shape[2] == q["kernel"].shape[2] // 2
     assert q["scale"].addressable_shards[0].data.shape[2] == q["scale"].shape[2] // 2  # scales follow the columns
     np.testing.assert_allclose(two.logits(IDS), one.logits(IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_tp_kernels_run_per_device_over_kv_heads(model_dir, tp1_logits):
+    """With a kernel backend and tp=2, attention runs under shard_map over the KV heads
+    (no gather of the pool): prefill (ragged kernel) and decode (split-K kernel), both in
+    interpret mode, give the single-device reference logits."""
+    model = load(model_dir, dtype="float32", tp_size=2, page_size=4, attention_backend="pallas", with_tokenizer=False)
+    ref = load(model_dir, dtype="float32", page_size=4, with_tokenizer=False)
+    pages = np.arange(1, 6)
+    batch = ForwardBatch.build([(IDS, 0, pages)], 4)
+    assert "shard_map" in str(jax.make_jaxpr(model._forward)(model.params, batch, *model.new_kv_cache(8)))
+    logits, k, v = model.forward(batch, *model.new_kv_cache(8))
+    np.testing.assert_allclose(np.asarray(logits), tp1_logits, rtol=1e-5, atol=1e-5)
+    assert k.addressable_shards[0].data.shape[3] == k.shape[3] // 2
+    # Decode: two sequences, one token each, over the prefilled pages (second sequence shorter).
+    step = ForwardBatch.build([(np.array([7]), len(IDS), pages), (np.array([9]), 10, pages[:3])], 4)
+    assert step.decode_only
+    got, _, _ = model.forward(step, k, v)
+    rk, rv = ref.new_kv_cache(8)
+    _, rk, rv = ref.forward(batch, rk, rv)
+    want, _, _ = ref.forward(step, rk, rv)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -38,6 +38,9 @@ def initialize(args: ServerArgs) -> None:
                                shutdown_timeout_seconds=args.dist_timeout,
                                coordinator_bind_address=addr if args.node_rank == 0 else None)
     check_same_flags(args)
+    if args.tp_size != jax.device_count():
+        raise ServerArgsError(f"--tp-size {args.tp_size} with --nnodes {args.nnodes}: the mesh spans every node's "
+                              f"devices, so --tp-size must be all {jax.device_count()} of them")
     logger.info("multi-host: %d processes, %d devices (%d here)", jax.process_count(), jax.device_count(),
                 jax.local_device_count())
 

@@ -75,7 +75,7 @@ class Attention(nnx.Module):
         v_pages = v_pages.at[page, row].set(v.astype(v_pages.dtype))
         sparse = attn.get("sparse")
         common = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
-                      impl=attn["impl"], interpret=attn["interpret"])
+                      impl=attn["impl"], interpret=attn["interpret"], mesh=attn["mesh"])
         table, kv_lens = batch.page_table + page_offset, batch.kv_lens
         if bounds is not None:
             bounds = update_bounds(*bounds, k, page, row)
@@ -118,14 +118,17 @@ class DecoderLayer(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     """Decoder-only LM over a paged KV pool.
 
-    `attention_impl` / `interpret` pick the paged-attention backend (see `pallas_kernels`);
+    `attention_impl` / `interpret` pick the paged-attention backend (see `pallas_kernels`;
+    with a tensor-parallel `mesh` the kernels run per device over its heads);
     `quant` maps weight names (`q_proj` ... `down_proj`, `lm_head`, `embed`) to the
     `QuantFormat` they are stored in (models/quant.py); the others stay in `dtype`.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                 attention_impl: str = "reference", interpret: bool = False, quant: dict | None = None):
+                 attention_impl: str = "reference", interpret: bool = False, quant: dict | None = None,
+                 mesh=None):
         quant = quant or {}
+        self.mesh = mesh
         self.cfg = cfg
         self.dtype = dtype
         self.attention_impl = attention_impl
@@ -163,7 +166,7 @@ class LlamaForCausalLM(nnx.Module):
         cos, sin = jnp.cos(freqs), jnp.sin(freqs)  # [T, head_dim // 2]
         h = self.embed(batch.input_ids)
         graphdef, layer_state = nnx.split(self.layers)
-        attn = {"impl": self.attention_impl, "interpret": self.interpret, "sparse": sparse}
+        attn = {"impl": self.attention_impl, "interpret": self.interpret, "sparse": sparse, "mesh": self.mesh}
         flat = (num_layers * num_pages, *shape[2:])
 
         def body(carry, state):

@@ -140,7 +140,8 @@ def load(model_path: str | Path | None = None, *, dtype: str = "bfloat16", tp_si
     if attention_backend in ("pallas", "triton", "tpu") and jax.default_backend() == "cpu":
         interpret = True  # Pallas kernels run on CPU only in interpret mode (slow; for tests)
     abstract = nnx.eval_shape(lambda: model_class(cfg)(cfg, dtype=jdtype, rngs=nnx.Rngs(0), quant=quant,
-                                                       attention_impl=attention_backend, interpret=interpret))
+                                                       attention_impl=attention_backend, interpret=interpret,
+                                                       mesh=mesh))
     graphdef, state = nnx.split(abstract)
     shapes = nnx.to_pure_dict(state)
     shardings = sharding.param_shardings(cfg, shapes, mesh)
