@@ -17,8 +17,8 @@ import pytest
 
 from tests.server_harness import free_port
 
-FLAGS = ["--max-running-requests", "4", "--max-prefill-tokens", "256", "--chunked-prefill-size", "256",
-         "--context-length", "1024", "--log-level", "warning"]
+FLAGS = ["--max-running-requests", "4", "--max-prefill-tokens", "128", "--chunked-prefill-size", "128",
+         "--context-length", "512", "--log-level", "warning"]
 START_LIMIT_S = 480
 PAGE = 16
 

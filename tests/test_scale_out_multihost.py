@@ -22,8 +22,9 @@ import jaxserve
 from tests.server_harness import free_port
 
 GROUP_LIMIT_S = 300
-FLAGS = ["--tp-size", "4", "--nnodes", "2", "--max-running-requests", "4", "--max-prefill-tokens", "64",
-         "--chunked-prefill-size", "64", "--context-length", "256", "--dist-timeout", "10"]
+# Few token buckets (1 .. 32): every one is compiled at start-up, on each node.
+FLAGS = ["--tp-size", "4", "--nnodes", "2", "--max-running-requests", "4", "--max-prefill-tokens", "32",
+         "--chunked-prefill-size", "32", "--context-length", "128", "--dist-timeout", "10"]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "List three colors: red,"]
 
 
@@ -101,8 +102,8 @@ def test_two_processes_equal_one_process(group):
             "return_logprob": True, "logprob_start_len": 0}
     response = httpx.post(group.url + "/generate", json=body, timeout=180)
     assert response.status_code == 200, response.text
-    engine = jaxserve.Engine(tp_size=4, max_running_requests=4, max_prefill_tokens=64, chunked_prefill_size=64,
-                             context_length=256)
+    engine = jaxserve.Engine(tp_size=4, max_running_requests=4, max_prefill_tokens=32, chunked_prefill_size=32,
+                             context_length=128)
     try:
         alone = engine.generate(PROMPTS, {"max_new_tokens": 12, "temperature": 0}, return_logprob=True,
                                 logprob_start_len=0)
@@ -130,7 +131,7 @@ def test_mismatched_flags_stop_every_node_with_a_clear_error(tmp_path):
     try:
         codes = [g.wait_exit(rank, timeout=60) for rank in (0, 1)]
         assert codes == [1, 1], (codes, g.log(0)[-1500:], g.log(1)[-1500:])
-        assert "--context-length 512 here, 256 on node 0" in g.log(1)
+        assert "--context-length 512 here, 128 on node 0" in g.log(1)
         assert "node(s) [1] were started with flags that differ from node 0's" in g.log(0)
     finally:
         g.close()

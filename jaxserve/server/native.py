@@ -244,11 +244,16 @@ def native_routes(state: ServerState) -> list[Route]:
 
 
 async def _chunks(deltas: AsyncIterator, builders: list[ResponseBuilder], multi: bool) -> AsyncIterator[bytes]:
-    """One SSE event per delta: the branch's chunk (cumulative text, new logprob entries)."""
+    """One SSE event per delta that adds text (or ends its branch): the branch's chunk
+    (cumulative text, the logprob entries not sent yet). A token whose text waits for the
+    next one (part of a UTF-8 character, a possible stop string) is sent with it: SGLang's
+    client drops events that add no text, and their logprob entries with them."""
     async with aclosing(deltas):
         async for index, delta in deltas:
             builder = builders[index]
             builder.add(delta)
+            if not delta.text and not delta.finished:
+                continue
             chunk = builder.chunk()
             if multi:
                 chunk["index"] = index
