@@ -75,6 +75,9 @@ def replica_env(rank: int, tp_size: int) -> dict[str, str]:
     """The environment of replica `rank`: its `tp_size` GPUs when the machine has GPUs
     (CPU replicas each have the host's devices; TPU replicas run one per host)."""
     env = dict(os.environ)
+    if os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio") and len(os.listdir("/dev/vfio")) > 1:
+        raise SystemExit("error: --dp-size on one TPU host is not supported (every process takes all its chips); "
+                         "run one replica per host and start the router by hand (docs/DEPLOYMENT.md)")
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is None and not _has_nvidia_gpus():
         return env
