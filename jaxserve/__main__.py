@@ -20,14 +20,17 @@ def _serve(args) -> None:
     if args.trust_remote_code:
         logging.info("--trust-remote-code is accepted and ignored: jaxserve runs no model code from the hub")
     if server_args.nnodes > 1:
-        from jaxserve.distributed.multihost import initialize, run_follower
+        from jaxserve.distributed.multihost import initialize
 
         try:
             initialize(server_args)  # before any other JAX call
         except ServerArgsError as e:
             sys.exit(f"error: {e}")
-        if server_args.node_rank != 0:
-            sys.exit(run_follower(server_args))
+        if server_args.node_rank != 0:  # the model and pool as node 0 builds them, then node 0's calls
+            from jaxserve.distributed.mirror import follow
+            from jaxserve.engine.build import build_runner
+
+            sys.exit(follow(build_runner(server_args).runner))
     if server_args.dp_size > 1:
         from jaxserve.distributed.data_parallel import serve_data_parallel
 

@@ -6,7 +6,7 @@ most `--dist-timeout` x 6 seconds for the others, and a peer whose heartbeats st
 `--dist-timeout` seconds ends every process. On CPU the collectives run over gloo (TCP).
 Then every node checks that it was started with node 0's flags. Node 0 goes on to serve
 (its runner mirrors each call to the others, `mirror.py`); the other nodes build the same
-model and KV pool and replay node 0's calls (`run_follower`).
+model and KV pool and replay node 0's calls (`mirror.follow`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import numpy as np
 
 from jaxserve.config import ServerArgs, ServerArgsError
-from jaxserve.distributed.mirror import Channel, follow
+from jaxserve.distributed.mirror import Channel
 
 logger = logging.getLogger("jaxserve.multihost")
 
@@ -76,11 +76,3 @@ def agree_on_pages(num_pages: int) -> int:
     if len(set(sizes.tolist())) > 1:
         logger.info("multi-host: nodes sized %s KV pages; all use %d", sizes.tolist(), sizes.min())
     return int(sizes.min())
-
-
-def run_follower(args: ServerArgs) -> int:
-    """A node other than 0: the model and KV pool as node 0 builds them, then its calls."""
-    from jaxserve.engine.build import build_runner
-
-    core = build_runner(args)
-    return follow(core.runner)
