@@ -126,14 +126,31 @@ def test_host_tier_serves_evicted_prefixes_with_identical_output(reference, l2_e
     assert info["h2d_pages"] > 0 and info["d2h_pages"] > 0 and info["compilations_after_warmup"] == 0
 
 
-def test_write_back_policy_gives_identical_output(model, reference):
+SMALL_POOL_VARIANTS = {
+    "write_back": dict(hicache_write_policy="write_back"),
+    # the budget covers the context, so the replies are the dense reference's
+    "sparse_attention": dict(sparse_attention="quest", sparse_attention_token_budget=256,
+                             sparse_attention_min_context=0),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(SMALL_POOL_VARIANTS))
+def test_small_pool_variant_gives_identical_output(model, reference, variant):
+    """write_back: pages reach the host only when evicted. sparse_attention: pages loaded
+    back from the host get their key bounds from the loaded keys, so every page the device
+    tree holds afterwards has exact bounds."""
     engine = make(model, max_total_tokens=SMALL_POOL, enable_hierarchical_cache=True, hicache_ratio=4,
-                  hicache_write_policy="write_back")
+                  **SMALL_POOL_VARIANTS[variant])
     try:
         outputs, details = run_workload(engine)
         assert_same(outputs, reference[0])
         assert tier_totals(details)["host"] > 0
-        assert_idle_tiers(engine)
+        if variant == "write_back":
+            assert_idle_tiers(engine)
+        else:
+            from tests.test_engine_sparse import assert_tree_bounds_exact
+
+            assert_tree_bounds_exact(engine)
     finally:
         engine.shutdown()
 
@@ -249,20 +266,3 @@ def test_storage_faults_cost_only_the_storage_tier(model, reference, long_prompt
 def test_flags_that_make_no_sense_are_clear_errors(kw, match):
     with pytest.raises(ServerArgsError, match=match):
         ServerArgs(**kw)
-
-
-def test_sparse_attention_bounds_follow_pages_loaded_from_host(model, reference):
-    """Pages loaded back from the host get their key bounds from the loaded keys: every page
-    the device tree holds afterwards has exact bounds (the budget covers the context, so
-    the replies are the dense reference's)."""
-    from tests.test_engine_sparse import assert_tree_bounds_exact
-
-    engine = make(model, max_total_tokens=SMALL_POOL, enable_hierarchical_cache=True, hicache_ratio=4,
-                  sparse_attention="quest", sparse_attention_token_budget=256, sparse_attention_min_context=0)
-    try:
-        outputs, details = run_workload(engine)
-        assert_same(outputs, reference[0])
-        assert tier_totals(details)["host"] > 0
-        assert_tree_bounds_exact(engine)
-    finally:
-        engine.shutdown()

@@ -45,7 +45,7 @@ def serve_data_parallel(args: ServerArgs, *, shutdown_timeout: float = 30.0, sta
         signal.signal(sig, lambda *_: stop.append(True))
     try:
         for rank, port in enumerate(ports):
-            flags = args.to_cli(dp_size=1, host="127.0.0.1", port=port, api_key=None, router_policy="cache_aware")
+            flags = args.to_cli(dp_size=1, host="127.0.0.1", port=port, api_key=None)
             children.append(subprocess.Popen([sys.executable, "-m", "jaxserve", "serve", *flags,
                                               "--shutdown-timeout", str(shutdown_timeout)],
                                              env=replica_env(rank, args.tp_size)))

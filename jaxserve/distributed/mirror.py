@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from jaxserve.runner.runner import Forward
+
 logger = logging.getLogger("jaxserve.multihost")
 
 FORWARD = "<the forward of the last step>"  # stands for a `Forward` (device arrays stay where they are)
@@ -80,7 +82,7 @@ class LeaderRunner:
         return value
 
     def _call(self, name, method, args, kwargs):
-        sent = tuple(FORWARD if type(a).__name__ == "Forward" else a for a in args)
+        sent = tuple(FORWARD if isinstance(a, Forward) else a for a in args)
         with self._lock:
             self._send((name, sent, kwargs))
             return method(*args, **kwargs)

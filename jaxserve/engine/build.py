@@ -96,22 +96,21 @@ def build_runner(args: ServerArgs) -> Core:
 
 def build(args: ServerArgs) -> Parts:
     core = build_runner(args)
-    args, model, pool, runner, max_step_tokens, chunk = (core.args, core.model, core.pool, core.runner,
-                                                        core.max_step_tokens, core.chunk)
-    context_length = core.context_length
-    allocator = PageAllocator(pool.num_pages)
-    runner.warmup()
+    args = core.args
+    allocator = PageAllocator(core.pool.num_pages)
+    core.runner.warmup()
     hicache = None
     if args.enable_hierarchical_cache:
-        hicache = build_hicache(args, model, runner, allocator, pool.num_pages - 1, max_step_tokens)
+        hicache = build_hicache(args, core.model, core.runner, allocator, core.pool.num_pages - 1,
+                                core.max_step_tokens)
         cache = hicache.cache
     else:
         cache = (NoRadixCache if args.disable_radix_cache else RadixCache)(allocator, args.page_size)
-    scheduler = Scheduler(runner, cache, allocator, chunk_size=chunk, max_step_tokens=max_step_tokens,
+    scheduler = Scheduler(core.runner, cache, allocator, chunk_size=core.chunk, max_step_tokens=core.max_step_tokens,
                           policy=args.schedule_policy, overlap=not args.disable_overlap_schedule, hicache=hicache)
     logger.info("engine: max_running_requests %d, max_prefill_tokens %d, chunked_prefill_size %d, overlap %s",
-                args.max_running_requests, max_step_tokens, chunk, scheduler.overlap)
-    return Parts(args, model, context_length, pool, scheduler, compile_count())
+                args.max_running_requests, core.max_step_tokens, core.chunk, scheduler.overlap)
+    return Parts(args, core.model, core.context_length, core.pool, scheduler, compile_count())
 
 
 def build_hicache(args: ServerArgs, model: LoadedModel, runner: ModelRunner, allocator: PageAllocator,

@@ -265,8 +265,7 @@ class Engine:
         self._stopped = True
         self.sessions.stop()
         self.scheduler.stop()
-        if hasattr(self.scheduler.runner, "close"):  # a multi-host leader: the other nodes stop too
-            self.scheduler.runner.close()
+        self.scheduler.runner.close()
         self.grammars.shutdown()
         with self._lock:
             if self._loop is not None and self._sync_streams == 0:

@@ -150,6 +150,10 @@ class ModelRunner:
         self.rows = jax.tree.map(put, RowState.zeros(self.num_rows, self.vocab))
         self.page_table = put(np.zeros((self.num_rows, self.pages_per_seq), np.int32))  # [rows, pages_per_seq]
 
+    def close(self) -> None:
+        """Nothing to release here (the arrays go with the runner); a multi-host leader's
+        `close` also stops the other nodes (distributed/mirror.py)."""
+
     def lost_state(self) -> bool:
         """Whether a failed program took donated buffers with it."""
         arrays = [self.k_cache, self.v_cache, self.page_table, *jax.tree.leaves((self.rows, self.bounds))]
