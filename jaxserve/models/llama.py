@@ -79,13 +79,17 @@ class Attention(nnx.Module):
         table, kv_lens = batch.page_table + page_offset, batch.kv_lens
         if bounds is not None:
             bounds = update_bounds(*bounds, k, page, row)
-            if batch.decode_only and sparse is not None:  # Quest: read only the selected pages
-                table, kv_lens = sparse.select(q, *bounds, table, kv_lens, page_size, common["sm_scale"])
-        if batch.decode_only:
-            out = pallas_kernels.paged_decode(q, k_pages, v_pages, kv_lens, table, **common)
-        else:
+
+        def decode(table, lens):
+            return pallas_kernels.paged_decode(q, k_pages, v_pages, lens, table, **common)
+
+        if not batch.decode_only:
             out = pallas_kernels.ragged_paged_attention(
                 q, k_pages, v_pages, kv_lens, table, batch.cu_q_lens, batch.num_seqs, **common)
+        elif bounds is not None and sparse is not None:  # Quest: read only the selected pages
+            out, kv_lens = sparse.decode(decode, q, *bounds, table, kv_lens, page_size, common["sm_scale"])
+        else:
+            out = decode(table, kv_lens)
         return self.o_proj(out.reshape(t, -1)), k_pages, v_pages, bounds, kv_lens
 
 
