@@ -141,9 +141,9 @@ class ServerArgs:
     def _validate_hicache(self, need) -> None:
         need(self.sparse_attention in ("none", "quest"),
              f"--sparse-attention must be none or quest, got {self.sparse_attention!r}")
-        need(self.sparse_attention_token_budget >= 2 * self.page_size,
-             f"--sparse-attention-token-budget must be at least 2 pages ({2 * self.page_size} tokens: the first "
-             f"page and the last one are always read), got {self.sparse_attention_token_budget}")
+        need(self.sparse_attention_token_budget >= 3 * self.page_size,
+             f"--sparse-attention-token-budget must be at least 3 pages ({3 * self.page_size} tokens: the first "
+             f"page and the last two are always read), got {self.sparse_attention_token_budget}")
         need(self.sparse_attention_min_context >= 0, "--sparse-attention-min-context must be >= 0")
         need(self.attention_sparsity_threshold is None or 0 < self.attention_sparsity_threshold < 1,
              f"--attention-sparsity-threshold must be in (0, 1), got {self.attention_sparsity_threshold}")

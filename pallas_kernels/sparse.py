@@ -7,7 +7,8 @@ head: a page's score for a KV head is, over the group's query heads, the largest
 relative to that head's best page, times `sm_scale`: the log of an upper bound on the
 page's attention weight against the head's top page, so heads of different scales
 compare. The first `sink_pages` and last `recent_pages` pages of a sequence are always
-kept; of the rest, the best scores fill `budget_pages`, and with `threshold`, pages whose
+kept (`SparseAttention` keeps the last two: the last page may hold only the query's own
+token, and many heads look at the tokens just before it); of the rest, the best scores fill `budget_pages`, and with `threshold`, pages whose
 bound on their share (`exp(score)`) is below it are dropped within that budget.
 
 `select_pages` returns a compacted page table per KV head (`[B, Hkv, W]`: the kept pages
@@ -95,11 +96,11 @@ class SparseAttention:
     token_budget: int
     min_context: int
     sink_pages: int = 1
-    recent_pages: int = 1
+    recent_pages: int = 2  # the last page may hold one token: the one before keeps the local window
     threshold: float | None = None
 
     def decode(self, attend, q, kmin, kmax, page_table, kv_lens, page_size: int, sm_scale: float):
-        """(`attend(page_table, kv_lens)` over the pages Quest keeps, KV tokens read per
+        """(`attend(kv_lens, page_table)` over the pages Quest keeps, KV tokens read per
         sequence `[B]`, averaged over the KV heads). A step whose sequences are all shorter
         than the budget or `min_context` attends densely, without the selection."""
         budget_pages = max(1, self.token_budget // page_size)
@@ -112,6 +113,6 @@ class SparseAttention:
                                           sm_scale=sm_scale, budget_pages=budget, sink_pages=self.sink_pages,
                                           recent_pages=self.recent_pages, threshold=self.threshold)
             read = (lens.sum(axis=-1) + num_kv_heads // 2) // num_kv_heads
-            return attend(table, lens), read.astype(kv_lens.dtype)
+            return attend(lens, table), read.astype(kv_lens.dtype)
 
-        return jax.lax.cond(jnp.any(sparse), select, lambda: (attend(page_table, kv_lens), kv_lens))
+        return jax.lax.cond(jnp.any(sparse), select, lambda: (attend(kv_lens, page_table), kv_lens))

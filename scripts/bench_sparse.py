@@ -3,6 +3,7 @@
     python scripts/bench_sparse.py speed --contexts 2048 4096 8192 --batch 8 --budgets 512 1024
     python scripts/bench_sparse.py passkey --lengths 1024 2048 4096 8000 --depths 0.1 0.5 0.9 --budgets 512 1024
     python scripts/bench_sparse.py fidelity --length 4096 --steps 32 --budgets 512 1024
+    python scripts/bench_sparse.py coverage --length 8000 --budgets 512 1024
 
 `speed`: one decode step of B sequences at context C (the model run directly over a pool
 of random keys and values, median of `--repeats`), dense and with each token budget, and
@@ -11,6 +12,8 @@ filler text of L tokens, asked for at the end; the share of (length, depth) cell
 greedy answer contains the key, per budget. `fidelity`: the model is run directly (no
 engine) on a long natural prompt, teacher-forced with dense greedy's continuation: mean
 KL(dense || sparse) and top-1 agreement of next-token distributions over the decode steps.
+`coverage`: at the first decode step after such a prompt, the share of each query head's
+dense attention on the pages Quest keeps, against the best pages of the same number.
 `passkey` runs an engine per config; sequences shorter than the budget are dense,
 `--min-context` makes shorter ones dense too.
 """
@@ -174,9 +177,79 @@ def fidelity(args) -> None:
         print(f"| {len(prompt)} | {label(budget)} | {np.mean(kl):.4f} | {np.mean(agree):.3f} |", flush=True)
 
 
+def coverage(args) -> None:
+    """At the decode step after a long prompt, per layer and query head: the share of the
+    dense attention that falls on the pages Quest keeps, against the best possible pages
+    of the same number (the query head's own top pages by their true attention)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxserve.models import ForwardBatch
+    from jaxserve.weights import load
+    from pallas_kernels.sparse import SparseAttention, new_bounds, select_pages
+
+    model = load(None, dtype="float32")
+    cfg, page = model.config, model.page_size
+    prompt = passkey_prompt(model.tokenizer, args.length, 0.5, 51234)
+    pages = np.arange(1, -(-(len(prompt) + 1) // page) + 1)
+    shares = []  # per layer: (Quest's share, the best share) per query head
+
+    @dataclasses.dataclass(frozen=True)
+    class Probe(SparseAttention):
+        """Attends densely; records what Quest would keep and what it would miss."""
+
+        def decode(self, attend, q, kmin, kmax, page_table, kv_lens, page_size, sm_scale):
+            k_pages = attend.args[1]
+            table, _, kept = select_pages(q, kmin, kmax, page_table, kv_lens, page_size=page_size,
+                                          sm_scale=sm_scale, budget_pages=self.token_budget // page_size,
+                                          sink_pages=self.sink_pages, recent_pages=self.recent_pages)
+            heads, groups = kmin.shape[1], q.shape[1] // kmin.shape[1]
+            keys = k_pages[page_table[0]].reshape(-1, heads, q.shape[-1])  # [W * S, Hkv, D]
+            scores = jnp.einsum("hgd,thd->hgt", q[0].reshape(heads, groups, -1), keys) * sm_scale
+            scores = jnp.where(jnp.arange(keys.shape[0]) < kv_lens[0], scores, -jnp.inf)
+            mass = jax.nn.softmax(scores, axis=-1).reshape(heads, groups, -1, page_size).sum(-1)  # [Hkv, G, W]
+            width = page_table.shape[1]
+            chosen = table[0][:, None, :] == page_table[0][None, :, None]  # [Hkv, W slot, W kept]
+            chosen = (chosen & (jnp.arange(width) < kept[0][:, None])[:, None, :]).any(-1)  # [Hkv, W]
+            quest = (mass * chosen[:, None, :]).sum(-1)
+            best = jnp.take_along_axis(jnp.cumsum(-jnp.sort(-mass, axis=-1), axis=-1),
+                                       (kept[0] - 1)[:, None, None], axis=-1)[..., 0]
+            jax.debug.callback(lambda a, b: shares.append((np.asarray(a).ravel(), np.asarray(b).ravel())),
+                               quest, best, ordered=True)
+            return attend(kv_lens, page_table), kv_lens
+
+    @functools.partial(jax.jit, static_argnums=(0,))
+    def step(sparse, batch, params, k, v, bounds):
+        m = nnx.merge(model.graphdef, params)
+        hidden, k, v, bounds, _ = m(batch, k, v, bounds, sparse)
+        return m.logits(hidden[-1:]), k, v, bounds
+
+    k, v = model.new_kv_cache(len(pages) + 1)
+    bounds = tuple(b.reshape(cfg.num_layers, k.shape[1], cfg.num_kv_heads, cfg.head_dim)
+                   for b in new_bounds(cfg.num_layers * k.shape[1], cfg.num_kv_heads, cfg.head_dim))
+    for start in range(0, len(prompt), 512):
+        logits, k, v, bounds = step(None, ForwardBatch.build([(prompt[start:start + 512], start, pages)], page),
+                                    model.params, k, v, bounds)
+    batch = ForwardBatch.build([([int(np.argmax(logits[0]))], len(prompt), pages)], page, num_tokens=1, max_seqs=1)
+    print("| prompt tokens | budget | Quest's share, mean | best share, mean | Quest, worst head | best, that head "
+          "| Quest / best, layers 0-2 |")
+    print("|---|---|---|---|---|---|---|")
+    for budget in args.budgets:
+        shares.clear()
+        jax.block_until_ready(step(Probe(budget, 0), batch, model.params, k, v, bounds))
+        jax.effects_barrier()
+        quest, best = (np.stack(x) for x in zip(*shares))  # [layers, Hq]
+        worst = np.unravel_index(np.argmin(quest), quest.shape)
+        print(f"| {len(prompt)} | {budget} | {quest.mean():.3f} | {best.mean():.3f} | {quest[worst]:.3f} "
+              f"(layer {worst[0]}) | {best[worst]:.3f} | {quest[:3].mean():.3f} / {best[:3].mean():.3f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["speed", "passkey", "fidelity"])
+    parser.add_argument("mode", choices=["speed", "passkey", "fidelity", "coverage"])
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
@@ -191,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.contexts, args.batch, args.repeats, args.budgets = [256], 2, 2, [64]
         args.lengths, args.depths, args.length, args.steps = [300], [0.5], 300, 4
-    {"speed": speed, "passkey": passkey, "fidelity": fidelity}[args.mode](args)
+    {"speed": speed, "passkey": passkey, "fidelity": fidelity, "coverage": coverage}[args.mode](args)
     print(json.dumps({"mode": args.mode}))
 
 

@@ -220,7 +220,7 @@ def test_model_sparse_decode(tiny_llama, seed):
     np.testing.assert_array_equal(runs["dense"][1], dense_lens)
     np.testing.assert_array_equal(runs["full"][1], dense_lens)  # a budget of the whole context: dense
     np.testing.assert_allclose(runs["full"][0], runs["dense"][0], rtol=1e-5, atol=1e-5)
-    # 42 tokens (11 pages) read 3 pages: the sink, one chosen, the last (2 tokens); 8 tokens stay dense
+    # 42 tokens (11 pages) read 3 pages: the sink and the last two (2 tokens in the last); 8 stay dense
     # (below the budget) and 31 tokens stay dense (below min_context)
     np.testing.assert_array_equal(runs["tight"][1], np.array([2 * PAGE + 2, 8, 31]) * layers)
     np.testing.assert_allclose(runs["tight"][0][1:], runs["dense"][0][1:], rtol=1e-5, atol=1e-5)
