@@ -25,13 +25,14 @@ BACKEND_DEFAULTS = {
 
 
 CLI_ALIASES = {"tp_size": ("--tensor-parallel-size",)}  # SGLang's other names for the same flag
+QUANTIZATIONS = ("auto", "none", "int8", "fp8", "w8a8_int8", "gguf")  # weights/quantization.py
 
 
 @dataclasses.dataclass
 class ServerArgs:
     model_path: str | None = None  # HF dir, .gguf, converted dir; None = bundled SmolLM2
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU/TPU
-    quantization: str = "auto"  # auto | none | int8 | fp8 | gguf: weights stored quantized (weights/quantization.py)
+    quantization: str = "auto"  # auto | none | int8 | fp8 | w8a8_int8 | gguf (weights/quantization.py)
     tp_size: int = 1
     page_size: int = 16
     max_total_tokens: int | None = None  # KV pool size in tokens; default from mem_fraction_static
@@ -115,8 +116,8 @@ class ServerArgs:
         self.dtype = {"half": "float16", "float": "float32"}.get(self.dtype, self.dtype)  # SGLang's aliases
         need(self.dtype in ("auto", "float32", "bfloat16", "float16"),
              f"--dtype must be auto, float32, bfloat16, float16 or half, got {self.dtype!r}")
-        need(self.quantization in ("auto", "none", "int8", "fp8", "gguf"),
-             f"--quantization must be auto, none, int8, fp8 or gguf, got {self.quantization!r}")
+        need(self.quantization in QUANTIZATIONS,
+             f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         need(self.max_queued_requests is None or self.max_queued_requests >= 1, "--max-queued-requests must be >= 1")
         need(self.max_sessions >= 1, "--max-sessions must be >= 1")
         need(self.max_request_body_bytes >= 1024, "--max-request-body-bytes must be >= 1024")
@@ -141,9 +142,9 @@ class ServerArgs:
     def _validate_hicache(self, need) -> None:
         need(self.sparse_attention in ("none", "quest"),
              f"--sparse-attention must be none or quest, got {self.sparse_attention!r}")
-        need(self.sparse_attention_token_budget >= 3 * self.page_size,
-             f"--sparse-attention-token-budget must be at least 3 pages ({3 * self.page_size} tokens: the first "
-             f"page and the last two are always read), got {self.sparse_attention_token_budget}")
+        need(self.sparse_attention_token_budget >= 2 * self.page_size,
+             f"--sparse-attention-token-budget must be at least 2 pages ({2 * self.page_size} tokens: the first "
+             f"page and the last one are always read), got {self.sparse_attention_token_budget}")
         need(self.sparse_attention_min_context >= 0, "--sparse-attention-min-context must be >= 0")
         need(self.attention_sparsity_threshold is None or 0 < self.attention_sparsity_threshold < 1,
              f"--attention-sparsity-threshold must be in (0, 1), got {self.attention_sparsity_threshold}")

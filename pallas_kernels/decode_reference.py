@@ -5,10 +5,6 @@ into `num_splits` ranges (split-K, flash-decoding), each range is reduced with t
 online softmax of `common.py`, and the partial states are merged by
 `common.combine_splits`. So the reference also checks the split arithmetic, and it is
 the decode attention on CPU.
-
-A page table may also hold one row per KV head (`[B, Hkv, pages_per_seq]`, with
-`kv_lens [B, Hkv]`): each KV head then reads its own pages (query-aware sparse
-attention selects pages per GQA group, `sparse.py`).
 """
 
 from __future__ import annotations
@@ -30,8 +26,8 @@ def paged_decode(
     q,  # [B, Hq, D]
     k_pages,  # [P, S, Hkv, D]
     v_pages,  # [P, S, Hkv, D]
-    kv_lens,  # [B] (or [B, Hkv]) int32; the query sits at position kv_len - 1
-    page_table,  # [B, pages_per_seq] (or [B, Hkv, pages_per_seq]) int32
+    kv_lens,  # [B] int32; the query sits at position kv_len - 1
+    page_table,  # [B, pages_per_seq] int32
     *,
     sm_scale: float,
     soft_cap: float | None = None,
@@ -45,40 +41,31 @@ def paged_decode(
     batch, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     group = num_q_heads // num_kv_heads
-    per_head = page_table.ndim == 3
-    pages_per_seq = page_table.shape[-1]
+    pages_per_seq = page_table.shape[1]
     pages_per_block = max(1, min(pages_per_seq, block_tokens // page_size))
     pages_per_split, num_splits = split_pages(pages_per_seq, pages_per_block, num_splits)
     pad = num_splits * pages_per_split - pages_per_seq
-    # [B, Ht, splits, pages_per_split], Ht = Hkv for per-head tables, else 1
-    table = page_table if per_head else page_table[:, None]
-    splits = jnp.pad(table, ((0, 0), (0, 0), (0, pad))).reshape(batch, table.shape[1], num_splits, pages_per_split)
-    lens = kv_lens if per_head else kv_lens[:, None]  # [B, Ht]
+    # [B, splits, pages_per_split]
+    splits = jnp.pad(page_table, ((0, 0), (0, pad))).reshape(batch, num_splits, pages_per_split)
     block_len = pages_per_block * page_size
     split_len = pages_per_split * page_size
 
     # [B, splits, Hkv, G, D]: every split sees the same query.
     qg = q.astype(jnp.float32).reshape(batch, 1, num_kv_heads, group, head_dim)
     qg = jnp.broadcast_to(qg, (batch, num_splits, num_kv_heads, group, head_dim))
-    q_pos = (lens - 1)[:, None, :, None]  # [B, 1, Ht, 1]
-
-    def gather(pool, pages):  # pages [B, Ht, splits, pages_per_block] -> [B, splits, Hkv, block_len, D]
-        if per_head:  # head h of each page of head h's own table
-            rows = pool[pages, :, jnp.arange(num_kv_heads)[None, :, None, None]]  # [B, Hkv, splits, ppb, S, D]
-            rows = rows.reshape(batch, num_kv_heads, num_splits, block_len, head_dim).transpose(0, 2, 1, 3, 4)
-        else:
-            rows = pool[pages[:, 0]].reshape(batch, num_splits, block_len, num_kv_heads, head_dim)
-            rows = rows.transpose(0, 1, 3, 2, 4)
-        return rows.astype(jnp.float32)
+    q_pos = (kv_lens - 1)[:, None, None]  # [B, 1, 1]
 
     def body(b, carry):
-        pages = jax.lax.dynamic_slice_in_dim(splits, b * pages_per_block, pages_per_block, 3)
-        k, v = gather(k_pages, pages), gather(v_pages, pages)
+        pages = jax.lax.dynamic_slice_in_dim(splits, b * pages_per_block, pages_per_block, 2)
+        kv_shape = (batch, num_splits, block_len, num_kv_heads, head_dim)
+        # [B, splits, Hkv, block_len, D]
+        k = k_pages[pages].reshape(kv_shape).transpose(0, 1, 3, 2, 4).astype(jnp.float32)
+        v = v_pages[pages].reshape(kv_shape).transpose(0, 1, 3, 2, 4).astype(jnp.float32)
         scores = attention_scores(qg, k, sm_scale, soft_cap)  # [B, splits, Hkv, G, K]
         k_pos = (jnp.arange(num_splits)[:, None] * split_len + b * block_len
-                 + jnp.arange(block_len)[None, :])[None, :, None, :]  # [1, splits, 1, K]
-        mask = attention_mask(q_pos, k_pos, lens[:, None, :, None], sliding_window)  # [B, splits, Ht, K]
-        return online_softmax_update(*carry, scores, mask[:, :, :, None, :], v)
+                 + jnp.arange(block_len)[None, :])  # [splits, K]
+        mask = attention_mask(q_pos, k_pos[None], kv_lens[:, None, None], sliding_window)
+        return online_softmax_update(*carry, scores, mask[:, :, None, None, :], v)
 
     init = init_softmax_state((batch, num_splits, num_kv_heads, group), head_dim)
     blocks_per_split = pages_per_split // pages_per_block

@@ -76,16 +76,14 @@ def _check_heads(q, k_pages, v_pages):
         raise ValueError(f"q {q.shape} does not fit KV pages {k_pages.shape} (head_dim, GQA ratio)")
 
 
-def _on_each_device(kernel, mesh, q, k_pages, v_pages, *rest, per_head=False):
+def _on_each_device(kernel, mesh, q, k_pages, v_pages, *rest):
     """`kernel(q, k_pages, v_pages, *rest)`, per device over its heads when `mesh` splits
-    both the query heads and the KV heads; the other arguments are whole on every device,
-    or, `per_head`, split like the KV heads along their axis 1 (`[B, Hkv, ...]`)."""
+    both the query heads and the KV heads; the other arguments are whole on every device."""
     tp = 1 if mesh is None else mesh.shape.get("model", 1)
     if tp == 1 or q.shape[-2] % tp or k_pages.shape[2] % tp:
         return kernel(q, k_pages, v_pages, *rest)
     heads, pages = P(None, "model", None), P(None, None, "model", None)
-    rest_specs = [P(None, "model", *(None,) * (x.ndim - 2)) if per_head else P() for x in rest]
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, pages, pages, *rest_specs), out_specs=heads,
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, pages, pages, *(P(),) * len(rest)), out_specs=heads,
                          check_vma=False)(q, k_pages, v_pages, *rest)
 
 
@@ -132,15 +130,11 @@ def paged_decode(
 
     q [B, Hq, D]; k_pages, v_pages [num_pages, page_size, Hkv, D]; kv_lens [B] (the
     query sits at position kv_len - 1; kv_len 0 gives zeros); page_table [B,
-    pages_per_seq]. Or one table row per KV head: page_table [B, Hkv, pages_per_seq]
-    and kv_lens [B, Hkv] (sparse attention's selection). num_splits=None picks one from
-    the batch and device. Returns [B, Hq, D].
+    pages_per_seq]. num_splits=None picks one from the batch and device. Returns
+    [B, Hq, D].
     """
     q, k_pages, v_pages, kv_lens, page_table = map(jnp.asarray, (q, k_pages, v_pages, kv_lens, page_table))
     _check_heads(q, k_pages, v_pages)
-    if page_table.ndim == 3 and (page_table.shape[1] != k_pages.shape[2] or kv_lens.shape != page_table.shape[:2]):
-        raise ValueError(f"per-head page table {page_table.shape} and kv_lens {kv_lens.shape} do not fit "
-                         f"{k_pages.shape[2]} KV heads")
     impl = resolve_impl(impl, interpret)
     if num_splits is None:
         num_splits = default_num_splits(q.shape[0], k_pages.shape[2], impl)
@@ -150,4 +144,4 @@ def paged_decode(
             sliding_window=sliding_window, num_splits=num_splits)
     kernel = functools.partial(KERNELS[impl]["decode"], sm_scale=sm_scale, soft_cap=soft_cap,
                                sliding_window=sliding_window, num_splits=num_splits, interpret=interpret, **tuning)
-    return _on_each_device(kernel, mesh, q, k_pages, v_pages, kv_lens, page_table, per_head=page_table.ndim == 3)
+    return _on_each_device(kernel, mesh, q, k_pages, v_pages, kv_lens, page_table)

@@ -2,20 +2,18 @@
 
 Every KV page keeps, per KV head, the element-wise min and max of its keys (`bounds`,
 `[num_pages, Hkv, D]` each). For a query q, `sum_d max(q_d * min_d, q_d * max_d)` is an
-upper bound of q.k over the page's keys. Pages are chosen per GQA group, that is per KV
-head: a page's score for a KV head is, over the group's query heads, the largest bound
-relative to that head's best page, times `sm_scale`: the log of an upper bound on the
-page's attention weight against the head's top page, so heads of different scales
-compare. The first `sink_pages` and last `recent_pages` pages of a sequence are always
-kept (`SparseAttention` keeps the last two: the last page may hold only the query's own
-token, and many heads look at the tokens just before it); of the rest, the best scores fill `budget_pages`, and with `threshold`, pages whose
-bound on their share (`exp(score)`) is below it are dropped within that budget.
+upper bound of q.k over the page's keys. A page's score is, over the query heads, the
+largest bound relative to that head's best page, times `sm_scale`: the log of an upper
+bound on the page's attention weight against the head's top page, so heads of different
+scales compare. The first `sink_pages` and last `recent_pages` pages of a sequence are
+always kept; of the rest, the best scores fill `budget_pages`, and with `threshold`, pages
+whose bound on their share (`exp(score)`) is below it are dropped within that budget.
 
-`select_pages` returns a compacted page table per KV head (`[B, Hkv, W]`: the kept pages
-in order, the sequence's last, partial page last, the width unchanged) and the matching
-KV lengths (`[B, Hkv]`), which the `paged_decode` kernels read like any page table, each
-KV head its own row: they then touch only the kept pages. A sequence with at most
-`budget_pages` pages keeps all of them, so its result is the dense one.
+`select_pages` returns a compacted page table (the kept pages in order, the sequence's
+last, partial page last, the table's width unchanged) and the matching KV lengths, which
+the existing `paged_decode` kernels read like any page table: they then touch only the
+kept pages. A sequence with at most `budget_pages` pages keeps all of them, so its result
+is the dense one.
 
 `update_bounds` keeps the bounds exact in the step that writes the keys: a write to row 0
 of a page starts the page afresh (pages fill from row 0, so a reused page forgets its old
@@ -46,45 +44,43 @@ def update_bounds(kmin, kmax, k, page, row):
 
 
 def page_scores(q, kmin, kmax, page_table, kv_lens, *, page_size: int, sm_scale: float):
-    """Scores `[B, Hkv, W]` of every page-table slot for each KV head (-inf past the
-    sequence's pages)."""
+    """Scores `[B, W]` of every page-table slot (-inf past the sequence's pages)."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = kmin.shape[1]
     qg = q.astype(jnp.float32).reshape(batch, 1, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     lo = kmin[page_table].astype(jnp.float32)[:, :, :, None, :]  # [B, W, Hkv, 1, D]
     hi = kmax[page_table].astype(jnp.float32)[:, :, :, None, :]
-    bound = jnp.maximum(qg * lo, qg * hi).sum(-1)  # [B, W, Hkv, G]
-    valid = (jnp.arange(page_table.shape[1])[None, :] < -(-kv_lens[:, None] // page_size))[:, :, None, None]
-    bound = jnp.where(valid, bound, -jnp.inf)
+    bound = jnp.maximum(qg * lo, qg * hi).sum(-1).reshape(batch, page_table.shape[1], num_q_heads)
+    valid = jnp.arange(page_table.shape[1])[None, :] < -(-kv_lens[:, None] // page_size)  # [B, W]
+    bound = jnp.where(valid[:, :, None], bound, -jnp.inf)
     best = bound.max(axis=1, keepdims=True)
-    relative = jnp.where(valid, (bound - best) * sm_scale, -jnp.inf)
-    return relative.max(axis=-1).transpose(0, 2, 1)
+    relative = jnp.where(valid[:, :, None], (bound - best) * sm_scale, -jnp.inf)
+    return relative.max(axis=-1)
 
 
 def select_pages(q, kmin, kmax, page_table, kv_lens, *, page_size: int, sm_scale: float, budget_pages,
                  sink_pages: int = 1, recent_pages: int = 1, threshold: float | None = None):
-    """(compacted page tables `[B, Hkv, W]`, their KV lengths `[B, Hkv]`, kept pages `[B, Hkv]`).
+    """(compacted page table `[B, W]`, its KV lengths `[B]`, kept pages `[B]`).
 
-    `budget_pages` is an int or one per sequence `[B]`; each table keeps its width, the
-    kept pages first, so kernels, which read no page past a length, read only them."""
+    `budget_pages` is an int or one per sequence `[B]`; the table keeps its width, the
+    kept pages first, so kernels, which read no page past a sequence's length, read only them."""
     width = page_table.shape[1]
-    num_pages = (-(-kv_lens // page_size))[:, None, None]  # [B, 1, 1]
+    num_pages = -(-kv_lens // page_size)  # [B]
     scores = page_scores(q, kmin, kmax, page_table, kv_lens, page_size=page_size, sm_scale=sm_scale)
-    slot = jnp.arange(width)[None, None, :]
-    forced = (slot < sink_pages) | (slot >= num_pages - recent_pages)
-    valid = slot < num_pages
+    slot = jnp.arange(width)[None, :]
+    forced = (slot < sink_pages) | (slot >= num_pages[:, None] - recent_pages)
+    valid = slot < num_pages[:, None]
     keep_score = jnp.where(forced & valid, jnp.inf, scores)
     if threshold is not None:
         keep_score = jnp.where(forced | (scores >= jnp.log(threshold)), keep_score, -jnp.inf)
     top, idx = jax.lax.top_k(keep_score, width)  # every slot, best first
-    budget = jnp.broadcast_to(jnp.asarray(budget_pages), kv_lens.shape)[:, None, None]
+    budget = jnp.broadcast_to(jnp.asarray(budget_pages), kv_lens.shape)[:, None]
     kept_slot = (top > -jnp.inf) & (slot < budget)
-    idx = jnp.sort(jnp.where(kept_slot, idx, width), axis=-1)  # kept slots in order, the rest last
-    kept = kept_slot.sum(axis=-1)
-    tables = jnp.broadcast_to(page_table[:, None, :], idx.shape)
-    table = jnp.where(idx < width, jnp.take_along_axis(tables, jnp.minimum(idx, width - 1), axis=-1), 0)
-    last_len = kv_lens[:, None] - (num_pages[:, :, 0] - 1) * page_size  # [B, 1]
-    lens = jnp.where(kv_lens[:, None] > 0, (kept - 1) * page_size + last_len, 0)
+    idx = jnp.sort(jnp.where(kept_slot, idx, width), axis=1)  # kept slots in order, the rest last
+    kept = kept_slot.sum(axis=1)
+    table = jnp.where(idx < width, jnp.take_along_axis(page_table, jnp.minimum(idx, width - 1), axis=1), 0)
+    last_len = kv_lens - (num_pages - 1) * page_size
+    lens = jnp.where(kv_lens > 0, (kept - 1) * page_size + last_len, 0)
     return table.astype(page_table.dtype), lens.astype(kv_lens.dtype), kept
 
 
@@ -96,23 +92,20 @@ class SparseAttention:
     token_budget: int
     min_context: int
     sink_pages: int = 1
-    recent_pages: int = 2  # the last page may hold one token: the one before keeps the local window
+    recent_pages: int = 1
     threshold: float | None = None
 
-    def decode(self, attend, q, kmin, kmax, page_table, kv_lens, page_size: int, sm_scale: float):
-        """(`attend(kv_lens, page_table)` over the pages Quest keeps, KV tokens read per
-        sequence `[B]`, averaged over the KV heads). A step whose sequences are all shorter
-        than the budget or `min_context` attends densely, without the selection."""
+    def select(self, q, kmin, kmax, page_table, kv_lens, page_size: int, sm_scale: float):
+        """(page table, KV lengths) that decode attention reads; a step whose sequences are
+        all shorter than the budget or `min_context` skips the selection."""
         budget_pages = max(1, self.token_budget // page_size)
         sparse = kv_lens >= max(self.min_context, budget_pages * page_size + 1)
-        num_kv_heads = kmin.shape[1]
 
         def select():
             budget = jnp.where(sparse, budget_pages, page_table.shape[1])
             table, lens, _ = select_pages(q, kmin, kmax, page_table, kv_lens, page_size=page_size,
                                           sm_scale=sm_scale, budget_pages=budget, sink_pages=self.sink_pages,
                                           recent_pages=self.recent_pages, threshold=self.threshold)
-            read = (lens.sum(axis=-1) + num_kv_heads // 2) // num_kv_heads
-            return attend(lens, table), read.astype(kv_lens.dtype)
+            return table, lens
 
-        return jax.lax.cond(jnp.any(sparse), select, lambda: (attend(kv_lens, page_table), kv_lens))
+        return jax.lax.cond(jnp.any(sparse), select, lambda: (page_table, kv_lens))

@@ -5,8 +5,6 @@ megacore chip share the work). The G query heads of a KV head are the rows of on
 [G, D] tile; the program streams its split's pages of that head through VMEM
 (`tpu_pages.stream_kv_blocks`, page table and lengths scalar-prefetched into SMEM)
 and writes the unnormalised partial state, merged in jnp by `common.combine_splits`.
-With a page table per KV head (`[B, Hkv, W]`, lengths `[B, Hkv]`) the program of KV
-head h streams h's own table row.
 """
 
 from __future__ import annotations
@@ -33,20 +31,19 @@ from pallas_kernels.tpu_pages import kv_scratch_shapes, stream_kv_blocks
 
 
 def _decode_kernel(
-    kv_lens_ref,  # [B * Ht] SMEM, Ht = Hkv with per-head tables, else 1
-    page_table_ref,  # [B * Ht * pages_per_seq] SMEM
+    kv_lens_ref,  # [B] SMEM
+    page_table_ref,  # [B * pages_per_seq] SMEM
     q_ref,  # [G, D] of [B, Hkv, G, D]
     k_hbm, v_hbm,  # [P, S, Hkv, D] HBM
     m_ref, l_ref,  # [G, 1] of [B, Hkv, splits, G, 1]
     acc_ref,  # [G, D] of [B, Hkv, splits, G, D]
     k_buf, v_buf, sems,
-    *, sm_scale, soft_cap, sliding_window, pages_per_seq, split_len, table_heads,
+    *, sm_scale, soft_cap, sliding_window, pages_per_seq, split_len,
 ):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     group, head_dim = q_ref.shape
     block_kv = k_buf.shape[1]
-    seq = b * table_heads + (h if table_heads > 1 else 0)  # this program's page-table row
-    kv_len = kv_lens_ref[seq]
+    kv_len = kv_lens_ref[b]
     q = q_ref[...].astype(k_buf.dtype)
     q_pos = kv_len - 1
     lo, hi = kv_range(q_pos, q_pos, kv_len, sliding_window)
@@ -63,7 +60,7 @@ def _decode_kernel(
     first, last = block_range(start, end, block_kv)
     m, l, acc = stream_kv_blocks(
         k_hbm, v_hbm, k_buf, v_buf, sems, page_table_ref,
-        pages_per_seq=pages_per_seq, seq=seq, head=h, kv_len=kv_len, first=first,
+        pages_per_seq=pages_per_seq, seq=b, head=h, kv_len=kv_len, first=first,
         last=last, compute=compute,
         init=init_softmax_state((group,), head_dim))
     m_ref[...] = m
@@ -74,8 +71,8 @@ def _decode_kernel(
 def paged_decode(
     q,  # [B, Hq, D]
     k_pages, v_pages,  # [P, S, Hkv, D]
-    kv_lens,  # [B] (or [B, Hkv]) int32
-    page_table,  # [B, pages_per_seq] (or [B, Hkv, pages_per_seq]) int32
+    kv_lens,  # [B] int32
+    page_table,  # [B, pages_per_seq] int32
     *, sm_scale, soft_cap=None, sliding_window=None, num_splits=8, block_kv=128,
     interpret=False,
 ):
@@ -86,14 +83,13 @@ def paged_decode(
     batch, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     group = num_q_heads // num_kv_heads
-    pages_per_seq = page_table.shape[-1]
-    table_heads = page_table.shape[1] if page_table.ndim == 3 else 1
+    pages_per_seq = page_table.shape[1]
     block_kv = max(block_kv, page_size)
     pages_per_split, num_splits = split_pages(pages_per_seq, block_kv // page_size, num_splits)
 
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-        pages_per_seq=pages_per_seq, split_len=pages_per_split * page_size, table_heads=table_heads)
+        pages_per_seq=pages_per_seq, split_len=pages_per_split * page_size)
     part = (batch, num_kv_heads, num_splits, group)
     stat_spec = pl.BlockSpec((None, None, None, group, 1), lambda b, h, s, *_: (b, h, s, 0, 0))
     m, l, acc = pl.pallas_call(
@@ -116,5 +112,5 @@ def paged_decode(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=pltpu.InterpretParams() if interpret is True else interpret,
         name="jaxserve_paged_decode_tpu",
-    )(kv_lens.reshape(-1), page_table.reshape(-1), q.reshape(batch, num_kv_heads, group, head_dim), k_pages, v_pages)
+    )(kv_lens, page_table.reshape(-1), q.reshape(batch, num_kv_heads, group, head_dim), k_pages, v_pages)
     return merge_split_states(m, l, acc, group, q.dtype)

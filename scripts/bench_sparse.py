@@ -10,8 +10,9 @@ of random keys and values, median of `--repeats`), dense and with each token bud
 the share of the KV tokens it read. `passkey`: a 5-digit key hidden at a depth of a
 filler text of L tokens, asked for at the end; the share of (length, depth) cells whose
 greedy answer contains the key, per budget. `fidelity`: the model is run directly (no
-engine) on a long natural prompt, teacher-forced with dense greedy's continuation: mean
-KL(dense || sparse) and top-1 agreement of next-token distributions over the decode steps.
+engine) on a long prompt (a passkey prompt, or the start of `--text`), teacher-forced
+with dense greedy's continuation: mean KL(dense || sparse) and top-1 agreement of
+next-token distributions over the decode steps.
 `coverage`: at the first decode step after such a prompt, the share of each query head's
 dense attention on the pages Quest keeps, against the best pages of the same number.
 `passkey` runs an engine per config; sequences shorter than the budget are dense,
@@ -103,6 +104,17 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
     return filler[:at] + needle + filler[at:body] + question
 
 
+def long_prompt(tokenizer, args) -> list[int]:
+    """`--length` tokens: the start of `--text` (a file of natural text), or a passkey prompt."""
+    if args.text is None:
+        return passkey_prompt(tokenizer, args.length, 0.5, 51234)
+    with open(args.text, encoding="utf-8") as f:
+        ids = tokenizer.encode(f.read(), add_special_tokens=False)[:args.length]
+    if len(ids) < args.length:
+        raise SystemExit(f"{args.text} has only {len(ids)} tokens, fewer than --length {args.length}")
+    return ids
+
+
 def passkey(args) -> None:
     rng = np.random.default_rng(1)
     cells = [(n, d, int(rng.integers(10000, 99999))) for n in args.lengths for d in args.depths]
@@ -138,7 +150,7 @@ def fidelity(args) -> None:
 
     model = load(None, dtype="float32")
     cfg, page = model.config, model.page_size
-    prompt = passkey_prompt(model.tokenizer, args.length, 0.5, 51234)
+    prompt = long_prompt(model.tokenizer, args)
     pages = np.arange(1, -(-(len(prompt) + args.steps) // page) + 1)
 
     @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3, 4, 5))
@@ -184,48 +196,49 @@ def coverage(args) -> None:
     import dataclasses
 
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from jaxserve.models import ForwardBatch
     from jaxserve.weights import load
-    from pallas_kernels.sparse import SparseAttention, new_bounds, select_pages
+    from pallas_kernels.sparse import SparseAttention, new_bounds
 
     model = load(None, dtype="float32")
     cfg, page = model.config, model.page_size
-    prompt = passkey_prompt(model.tokenizer, args.length, 0.5, 51234)
+    prompt = long_prompt(model.tokenizer, args)
     pages = np.arange(1, -(-(len(prompt) + 1) // page) + 1)
-    shares = []  # per layer: (Quest's share, the best share) per query head
+    seen = []  # per layer: (q, the layer's page table, KV length, Quest's table, its length)
 
     @dataclasses.dataclass(frozen=True)
     class Probe(SparseAttention):
-        """Attends densely; records what Quest would keep and what it would miss."""
+        """Records what Quest keeps in each layer, and attends densely."""
 
-        def decode(self, attend, q, kmin, kmax, page_table, kv_lens, page_size, sm_scale):
-            k_pages = attend.args[1]
-            table, _, kept = select_pages(q, kmin, kmax, page_table, kv_lens, page_size=page_size,
-                                          sm_scale=sm_scale, budget_pages=self.token_budget // page_size,
-                                          sink_pages=self.sink_pages, recent_pages=self.recent_pages)
-            heads, groups = kmin.shape[1], q.shape[1] // kmin.shape[1]
-            keys = k_pages[page_table[0]].reshape(-1, heads, q.shape[-1])  # [W * S, Hkv, D]
-            scores = jnp.einsum("hgd,thd->hgt", q[0].reshape(heads, groups, -1), keys) * sm_scale
-            scores = jnp.where(jnp.arange(keys.shape[0]) < kv_lens[0], scores, -jnp.inf)
-            mass = jax.nn.softmax(scores, axis=-1).reshape(heads, groups, -1, page_size).sum(-1)  # [Hkv, G, W]
-            width = page_table.shape[1]
-            chosen = table[0][:, None, :] == page_table[0][None, :, None]  # [Hkv, W slot, W kept]
-            chosen = (chosen & (jnp.arange(width) < kept[0][:, None])[:, None, :]).any(-1)  # [Hkv, W]
-            quest = (mass * chosen[:, None, :]).sum(-1)
-            best = jnp.take_along_axis(jnp.cumsum(-jnp.sort(-mass, axis=-1), axis=-1),
-                                       (kept[0] - 1)[:, None, None], axis=-1)[..., 0]
-            jax.debug.callback(lambda a, b: shares.append((np.asarray(a).ravel(), np.asarray(b).ravel())),
-                               quest, best, ordered=True)
-            return attend(kv_lens, page_table), kv_lens
+        def select(self, q, kmin, kmax, page_table, kv_lens, page_size, sm_scale):
+            table, lens = super().select(q, kmin, kmax, page_table, kv_lens, page_size, sm_scale)
+            jax.debug.callback(lambda *a: seen.append([np.asarray(x) for x in a]), q, page_table, kv_lens, table,
+                               lens, ordered=True)
+            return page_table, kv_lens
 
     @functools.partial(jax.jit, static_argnums=(0,))
     def step(sparse, batch, params, k, v, bounds):
         m = nnx.merge(model.graphdef, params)
         hidden, k, v, bounds, _ = m(batch, k, v, bounds, sparse)
         return m.logits(hidden[-1:]), k, v, bounds
+
+    def shares(keys):
+        """(Quest's share, the best share) `[layers, Hq]` from the keys after the step."""
+        quest, best = [], []
+        for q, table, n, kept_table, kept_len in seen:
+            n, width = int(n[0]), -(-int(kept_len[0]) // page)
+            k = keys[table[0]].reshape(-1, cfg.num_kv_heads, cfg.head_dim)[:n].astype(np.float64)
+            qg = q[0].reshape(cfg.num_kv_heads, -1, cfg.head_dim)
+            s = np.einsum("hgd,thd->hgt", qg, k) * cfg.head_dim**-0.5
+            w = np.exp(s - s.max(-1, keepdims=True))
+            mass = np.zeros((*w.shape[:2], -(-n // page)))
+            np.add.at(mass, (..., np.arange(n) // page), w / w.sum(-1, keepdims=True))
+            kept = np.isin(table[0][:mass.shape[-1]], kept_table[0][:width])
+            quest.append((mass * kept).sum(-1).ravel())
+            best.append(-np.sort(-mass, axis=-1)[..., :width].sum(-1).ravel())
+        return np.stack(quest), np.stack(best)
 
     k, v = model.new_kv_cache(len(pages) + 1)
     bounds = tuple(b.reshape(cfg.num_layers, k.shape[1], cfg.num_kv_heads, cfg.head_dim)
@@ -238,10 +251,10 @@ def coverage(args) -> None:
           "| Quest / best, layers 0-2 |")
     print("|---|---|---|---|---|---|---|")
     for budget in args.budgets:
-        shares.clear()
-        jax.block_until_ready(step(Probe(budget, 0), batch, model.params, k, v, bounds))
+        seen.clear()
+        _, after, _, _ = step(Probe(budget, 0), batch, model.params, k, v, bounds)
         jax.effects_barrier()
-        quest, best = (np.stack(x) for x in zip(*shares))  # [layers, Hq]
+        quest, best = shares(np.asarray(after).reshape(-1, *after.shape[2:]))  # pages of all layers, flat
         worst = np.unravel_index(np.argmin(quest), quest.shape)
         print(f"| {len(prompt)} | {budget} | {quest.mean():.3f} | {best.mean():.3f} | {quest[worst]:.3f} "
               f"(layer {worst[0]}) | {best[worst]:.3f} | {quest[:3].mean():.3f} / {best[:3].mean():.3f} |", flush=True)
@@ -259,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--text", help="fidelity, coverage: a file whose first --length tokens are the prompt")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     args = parser.parse_args(argv)
     if args.quick:

@@ -9,8 +9,6 @@ page table is offset by `layer * num_pages`, so no layer slice is ever copied.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -81,14 +79,13 @@ class Attention(nnx.Module):
         table, kv_lens = batch.page_table + page_offset, batch.kv_lens
         if bounds is not None:
             bounds = update_bounds(*bounds, k, page, row)
-        decode = functools.partial(pallas_kernels.paged_decode, q, k_pages, v_pages, **common)  # (kv_lens, table)
-        if not batch.decode_only:
+            if batch.decode_only and sparse is not None:  # Quest: read only the selected pages
+                table, kv_lens = sparse.select(q, *bounds, table, kv_lens, page_size, common["sm_scale"])
+        if batch.decode_only:
+            out = pallas_kernels.paged_decode(q, k_pages, v_pages, kv_lens, table, **common)
+        else:
             out = pallas_kernels.ragged_paged_attention(
                 q, k_pages, v_pages, kv_lens, table, batch.cu_q_lens, batch.num_seqs, **common)
-        elif bounds is not None and sparse is not None:  # Quest: read only the selected pages
-            out, kv_lens = sparse.decode(decode, q, *bounds, table, kv_lens, page_size, common["sm_scale"])
-        else:
-            out = decode(kv_lens, table)
         return self.o_proj(out.reshape(t, -1)), k_pages, v_pages, bounds, kv_lens
 
 

@@ -7,6 +7,8 @@
     int8   weight-only int8, one scale per output channel: the seven projections of every
            layer, the LM head and the embedding (quantized per vocabulary row)
     fp8    the same in float8 e4m3 (on CPU XLA emulates it; for GPUs that have it)
+    w8a8_int8  the int8 weights, and each activation row quantized to int8 (a dynamic
+           scale per row) before its dot, so the dots run on integers (SGLang's name)
     gguf   a GGUF's Q8_0 / Q4_0 / Q4_1 / Q4_K weights kept as they are in the file (blocks of
            32); a projection whose layers mix types, or use another type, and the embedding and
            LM head (whose dot runs across the blocks), become int8 per channel
@@ -17,11 +19,12 @@ quantized checkpoint loads back in its formats.
 
 from __future__ import annotations
 
+from jaxserve.config import QUANTIZATIONS
 from jaxserve.models import quant
 from jaxserve.models.config import ModelConfig
 from jaxserve.weights.gguf_file import GGUFBlocks
 
-CHOICES = ("auto", "none", "int8", "fp8", "gguf")
+CHOICES = QUANTIZATIONS
 PROJECTIONS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
                "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
                "down_proj": "mlp.down_proj"}
