@@ -48,7 +48,7 @@ def _convert(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jaxserve.config import ServerArgs
+    from jaxserve.config import QUANTIZATIONS, ServerArgs
 
     parser = argparse.ArgumentParser(prog="python -m jaxserve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     convert.add_argument("--model-path", default=None, help="HF dir, .gguf file or converted dir (default: bundled SmolLM2)")
     convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     convert.add_argument("--output", required=True, help="directory to write")
-    convert.add_argument("--quantization", default="none", choices=["none", "int8", "fp8", "w8a8_int8", "gguf"],
+    convert.add_argument("--quantization", default="none", choices=[q for q in QUANTIZATIONS if q != "auto"],
                          help="store the weights quantized (gguf: keep a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K blocks)")
     args, unknown = parser.parse_known_args(argv)
     if unknown:

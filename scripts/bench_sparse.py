@@ -115,6 +115,39 @@ def long_prompt(tokenizer, args) -> list[int]:
     return ids
 
 
+def direct(model):
+    """A jitted step of the model run without an engine, `(sparse, batch, k, v, bounds) ->
+    (last token's logits, k, v, bounds)`, and `prefill(prompt, pages)`: the empty pool and
+    bounds after the prompt in chunks of 512 tokens (dense), with the last logits."""
+    import jax
+    from flax import nnx
+
+    from jaxserve.models import ForwardBatch
+    from pallas_kernels.sparse import new_bounds
+
+    cfg, page = model.config, model.page_size
+
+    @functools.partial(jax.jit, static_argnums=(0,))
+    def run(sparse, batch, params, k, v, bounds):
+        m = nnx.merge(model.graphdef, params)
+        hidden, k, v, bounds, _ = m(batch, k, v, bounds, sparse)
+        return m.logits(hidden[-1:]), k, v, bounds
+
+    def step(sparse, batch, k, v, bounds):
+        return run(sparse, batch, model.params, k, v, bounds)
+
+    def prefill(prompt, pages):
+        k, v = model.new_kv_cache(len(pages) + 1)
+        bounds = tuple(b.reshape(cfg.num_layers, k.shape[1], cfg.num_kv_heads, cfg.head_dim)
+                       for b in new_bounds(cfg.num_layers * k.shape[1], cfg.num_kv_heads, cfg.head_dim))
+        for start in range(0, len(prompt), 512):
+            batch = ForwardBatch.build([(prompt[start:start + 512], start, pages)], page)
+            logits, k, v, bounds = step(None, batch, k, v, bounds)
+        return logits, k, v, bounds
+
+    return step, prefill
+
+
 def passkey(args) -> None:
     rng = np.random.default_rng(1)
     cells = [(n, d, int(rng.integers(10000, 99999))) for n in args.lengths for d in args.depths]
@@ -141,39 +174,25 @@ def passkey(args) -> None:
 
 
 def fidelity(args) -> None:
-    import jax
-    from flax import nnx
-
     from jaxserve.models import ForwardBatch
     from jaxserve.weights import load
-    from pallas_kernels.sparse import SparseAttention, new_bounds
+    from pallas_kernels.sparse import SparseAttention
 
     model = load(None, dtype="float32")
-    cfg, page = model.config, model.page_size
+    page = model.page_size
     prompt = long_prompt(model.tokenizer, args)
     pages = np.arange(1, -(-(len(prompt) + args.steps) // page) + 1)
-
-    @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3, 4, 5))
-    def step(sparse, batch, params, k, v, bounds):
-        m = nnx.merge(model.graphdef, params)
-        hidden, k, v, bounds, _ = m(batch, k, v, bounds, sparse)
-        return m.logits(hidden[-1:]), k, v, bounds
+    step, prefill = direct(model)
 
     def run(sparse, forced=None):
         """Logits of each decode step and the tokens fed (greedy, or `forced`)."""
-        k, v = model.new_kv_cache(len(pages) + 1)
-        lo, hi = new_bounds(cfg.num_layers * k.shape[1], cfg.num_kv_heads, cfg.head_dim)
-        bounds = tuple(b.reshape(cfg.num_layers, k.shape[1], cfg.num_kv_heads, cfg.head_dim) for b in (lo, hi))
-        for start in range(0, len(prompt), 512):
-            chunk = prompt[start:start + 512]
-            logits, k, v, bounds = step(sparse, ForwardBatch.build([(chunk, start, pages)], page), model.params,
-                                        k, v, bounds)
+        logits, k, v, bounds = prefill(prompt, pages)
         out, tokens = [], []
         for i in range(args.steps):
             out.append(np.asarray(logits[0], np.float64))
             tokens.append(forced[i] if forced is not None else int(np.argmax(logits[0])))
             batch = ForwardBatch.build([([tokens[-1]], len(prompt) + i, pages)], page, num_tokens=1, max_seqs=1)
-            logits, k, v, bounds = step(sparse, batch, model.params, k, v, bounds)
+            logits, k, v, bounds = step(sparse, batch, k, v, bounds)
         return out, tokens
 
     dense, dense_tokens = run(None)
@@ -196,11 +215,10 @@ def coverage(args) -> None:
     import dataclasses
 
     import jax
-    from flax import nnx
 
     from jaxserve.models import ForwardBatch
     from jaxserve.weights import load
-    from pallas_kernels.sparse import SparseAttention, new_bounds
+    from pallas_kernels.sparse import SparseAttention
 
     model = load(None, dtype="float32")
     cfg, page = model.config, model.page_size
@@ -218,12 +236,6 @@ def coverage(args) -> None:
                                lens, ordered=True)
             return page_table, kv_lens
 
-    @functools.partial(jax.jit, static_argnums=(0,))
-    def step(sparse, batch, params, k, v, bounds):
-        m = nnx.merge(model.graphdef, params)
-        hidden, k, v, bounds, _ = m(batch, k, v, bounds, sparse)
-        return m.logits(hidden[-1:]), k, v, bounds
-
     def shares(keys):
         """(Quest's share, the best share) `[layers, Hq]` from the keys after the step."""
         quest, best = [], []
@@ -240,19 +252,15 @@ def coverage(args) -> None:
             best.append(-np.sort(-mass, axis=-1)[..., :width].sum(-1).ravel())
         return np.stack(quest), np.stack(best)
 
-    k, v = model.new_kv_cache(len(pages) + 1)
-    bounds = tuple(b.reshape(cfg.num_layers, k.shape[1], cfg.num_kv_heads, cfg.head_dim)
-                   for b in new_bounds(cfg.num_layers * k.shape[1], cfg.num_kv_heads, cfg.head_dim))
-    for start in range(0, len(prompt), 512):
-        logits, k, v, bounds = step(None, ForwardBatch.build([(prompt[start:start + 512], start, pages)], page),
-                                    model.params, k, v, bounds)
+    step, prefill = direct(model)
+    logits, k, v, bounds = prefill(prompt, pages)
     batch = ForwardBatch.build([([int(np.argmax(logits[0]))], len(prompt), pages)], page, num_tokens=1, max_seqs=1)
     print("| prompt tokens | budget | Quest's share, mean | best share, mean | Quest, worst head | best, that head "
           "| Quest / best, layers 0-2 |")
     print("|---|---|---|---|---|---|---|")
     for budget in args.budgets:
         seen.clear()
-        _, after, _, _ = step(Probe(budget, 0), batch, model.params, k, v, bounds)
+        _, after, _, _ = step(Probe(budget, 0), batch, k, v, bounds)
         jax.effects_barrier()
         quest, best = shares(np.asarray(after).reshape(-1, *after.shape[2:]))  # pages of all layers, flat
         worst = np.unravel_index(np.argmin(quest), quest.shape)

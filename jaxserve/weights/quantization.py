@@ -24,7 +24,6 @@ from jaxserve.models import quant
 from jaxserve.models.config import ModelConfig
 from jaxserve.weights.gguf_file import GGUFBlocks
 
-CHOICES = QUANTIZATIONS
 PROJECTIONS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
                "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
                "down_proj": "mlp.down_proj"}
@@ -34,8 +33,8 @@ CONFIG_KEY = "quantization_config"
 
 def plan(cfg: ModelConfig, quantization: str, tensors: dict | None, backend: str = "cpu") -> dict:
     """{weight name: QuantFormat} for `LlamaForCausalLM(quant=...)`; names not in it stay float."""
-    if quantization not in CHOICES:
-        raise ValueError(f"--quantization must be one of {', '.join(CHOICES)}, got {quantization!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     if quantization == "auto":
         kept = backend == "cpu" and any(isinstance(t, GGUFBlocks) for t in (tensors or {}).values())
         formats = plan(cfg, "gguf", tensors) if kept else {}
