@@ -34,12 +34,6 @@ def _dequantize64(p: dict) -> np.ndarray:
     return w.reshape(q.shape)
 
 
-def _int8_rows64(x) -> np.ndarray:
-    """What int8 activations carry of `x`: each row rounded to 255 levels of its absmax."""
-    step = np.abs(x).max(axis=-1, keepdims=True).astype(np.float64) / 127
-    return np.round(x / np.where(step > 0, step, 1)) * step
-
-
 @pytest.mark.parametrize("seed", [SEED])
 @pytest.mark.parametrize("name", sorted(quant.FORMATS))
 @pytest.mark.parametrize("bias", [False, True])
@@ -55,8 +49,7 @@ def test_quantized_matmul_equals_dequantized_reference(name, bias, seed):
     if bias:
         layer.bias[...] = jnp.asarray(b)
     x = rng.standard_normal((tokens, din)).astype(np.float32)
-    x64 = _int8_rows64(x) if fmt.int8_activations else x.astype(np.float64)
-    ref = x64 @ _dequantize64(p) + (b if bias else 0)
+    ref = x.astype(np.float64) @ _dequantize64(p) + (b if bias else 0)
     y = layer(jnp.asarray(x))
     assert y.dtype == jnp.float32 and y.shape == (tokens, dout)
     out = np.asarray(y, np.float64)
@@ -82,7 +75,7 @@ def test_quantization_error_bound(name, seed):
 
 
 @pytest.mark.parametrize("seed", [SEED])
-@pytest.mark.parametrize("name", ["int8", "fp8", "w8a8_int8"])
+@pytest.mark.parametrize("name", ["int8", "fp8"])
 def test_quantized_embedding_and_tied_head(name, seed):
     fmt = quant.FORMATS[name]
     rng = np.random.default_rng(seed)
@@ -94,7 +87,7 @@ def test_quantized_embedding_and_tied_head(name, seed):
     ids = rng.integers(0, vocab, size=9)
     np.testing.assert_allclose(np.asarray(embed(jnp.asarray(ids))), table[ids], rtol=1e-6)
     h = rng.standard_normal((4, hidden)).astype(np.float32)
-    ref = (_int8_rows64(h) if fmt.int8_activations else h.astype(np.float64)) @ table.T
+    ref = h.astype(np.float64) @ table.T
     np.testing.assert_allclose(np.asarray(embed.attend(jnp.asarray(h))), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 

@@ -1,4 +1,4 @@
-"""Quantized linear layers and embeddings (weight-only, or int8 weights and activations).
+"""Weight-only quantized linear layers and embeddings.
 
 A quantized weight is a grouped affine code: `w = q * scale + offset`, with `q` stored in a
 narrow dtype, one `scale` (and optionally one `offset`) per output channel and per group of
@@ -10,8 +10,6 @@ the only full-precision operand is the activation. Grouped formats (GGUF's block
 dequantize one matrix, then multiply. XLA on CPU converts the narrow weight into a
 temporary of one matrix before its dot (the whole model is never materialised; see
 docs/BENCHMARKS.md for what that costs); on GPUs XLA's Triton GEMM emitter fuses the convert.
-A format with `int8_activations` (w8a8) also rounds each activation row to int8 with its
-own scale, so the dot multiplies int8 by int8 into int32 and no operand is converted.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ class QuantFormat:
     group: int = 0  # input rows per scale; 0 = one scale per output channel
     offset: bool = False  # affine (scale and offset) rather than symmetric
     qmax: float = 127.0  # largest |q| of a symmetric format
-    int8_activations: bool = False  # also quantize each activation row to int8: integer dots
 
     @property
     def bits(self) -> int:
@@ -44,13 +41,10 @@ class QuantFormat:
 # --quantization int8 / fp8: per output channel, symmetric.
 INT8 = QuantFormat("int8", np.dtype(np.int8))
 FP8 = QuantFormat("fp8", np.dtype(ml_dtypes.float8_e4m3fn), qmax=448.0)
-# --quantization w8a8_int8: int8 weights as INT8, and each activation row quantized to int8
-# (one dynamic scale per row) before its dot, which then runs on integers (int32 accumulation).
-W8A8 = QuantFormat("w8a8_int8", np.dtype(np.int8), int8_activations=True)
 # GGUF blocks kept as they are (weights/gguf_quant.py): Q8_0, and Q4_0 / Q4_1 / Q4_K as 4-bit affine.
 Q8_0 = QuantFormat("q8_0", np.dtype(np.int8), group=32)
 Q4 = QuantFormat("q4", np.dtype(np.uint8), group=32, offset=True)
-FORMATS = {f.name: f for f in (INT8, FP8, W8A8, Q8_0, Q4)}
+FORMATS = {f.name: f for f in (INT8, FP8, Q8_0, Q4)}
 
 
 def quantize(w: np.ndarray, fmt: QuantFormat) -> dict[str, np.ndarray]:
@@ -77,24 +71,8 @@ def dequantize(p: dict, dtype=jnp.float32):
     return w.reshape(shape).astype(dtype)
 
 
-def quantize_rows(x):
-    """int8 codes of `x [..., in]` and their scales `[..., 1]`: symmetric, one scale per row."""
-    x = x.astype(jnp.float32)
-    absmax = jnp.abs(x).max(axis=-1, keepdims=True)
-    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
-    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
-
-
-def _integer_dot(x, kernel, contract: str):
-    """x @ kernel over int8 codes of x's rows: int32 accumulation, then x's row scales."""
-    codes, scale = quantize_rows(x)
-    return jnp.einsum(contract, codes, kernel, preferred_element_type=jnp.int32).astype(jnp.float32) * scale
-
-
-def _apply(x, p: dict, contract: str, int8_activations: bool = False):
+def _apply(x, p: dict, contract: str):
     """x @ W for a quantized W; `contract` is the einsum of x and the [in, out] or [out, in] weight."""
-    if int8_activations:  # per channel, int8: both scales after an integer dot
-        return _integer_dot(x, p["kernel"], contract) * p["scale"][0]
     if p["scale"].shape[-2] == 1 and "offset" not in p:  # per channel: scale after the dot
         y = jnp.einsum(contract, x, p["kernel"].astype(x.dtype), preferred_element_type=jnp.float32)
         return y * p["scale"][0]
@@ -113,13 +91,12 @@ class QuantLinear(nnx.Module):
             self.offset = nnx.Param(jnp.zeros((groups, dout), jnp.float32))
         if use_bias:
             self.bias = nnx.Param(jnp.zeros((dout,), dtype))
-        self.int8_activations = fmt.int8_activations
 
     def __call__(self, x):
         p = {"kernel": self.kernel[...], "scale": self.scale[...]}
         if hasattr(self, "offset"):
             p["offset"] = self.offset[...]
-        y = _apply(x, p, "...i,io->...o", self.int8_activations)
+        y = _apply(x, p, "...i,io->...o")
         if hasattr(self, "bias"):
             y = y + self.bias[...]
         return y.astype(x.dtype)
@@ -132,7 +109,6 @@ class QuantEmbed(nnx.Module):
         self.embedding = nnx.Param(_INIT(rngs.params(), (vocab, hidden), jnp.float32).astype(fmt.dtype))
         self.scale = nnx.Param(jnp.ones((vocab, 1), jnp.float32))
         self.dtype = dtype
-        self.int8_activations = fmt.int8_activations
 
     def __call__(self, ids):
         rows = self.embedding[...][ids].astype(jnp.float32) * self.scale[...][ids]
@@ -143,14 +119,8 @@ class QuantEmbed(nnx.Module):
 
         On CPU the table is converted a block of rows at a time: converting all of it at once
         writes a fresh temporary of the full-precision table every step (113 MB for SmolLM2,
-        ~35 ms of page faults); blocks of ~4096 rows reuse one small buffer (2 ms). With int8
-        activations the dot reads the int8 table as it is (exact in int32, so padding rows
-        changes nothing)."""
+        ~35 ms of page faults); blocks of ~4096 rows reuse one small buffer (2 ms)."""
         table = self.embedding[...]
-        if self.int8_activations:  # at least 8 rows: XLA's CPU integer dot is ~10x slower on one
-            n = hidden.shape[0]
-            padded = jnp.pad(hidden, ((0, max(0, 8 - n)), (0, 0)))
-            return _integer_dot(padded, table, "nh,vh->nv")[:n] * self.scale[...][:, 0]
         vocab, dim = table.shape
         blocks = _row_blocks(vocab) if jax.default_backend() == "cpu" else 1
 

@@ -7,8 +7,6 @@
     int8   weight-only int8, one scale per output channel: the seven projections of every
            layer, the LM head and the embedding (quantized per vocabulary row)
     fp8    the same in float8 e4m3 (on CPU XLA emulates it; for GPUs that have it)
-    w8a8_int8  the int8 weights, and each activation row quantized to int8 (a dynamic
-           scale per row) before its dot, so the dots run on integers (SGLang's name)
     gguf   a GGUF's Q8_0 / Q4_0 / Q4_1 / Q4_K weights kept as they are in the file (blocks of
            32); a projection whose layers mix types, or use another type, and the embedding and
            LM head (whose dot runs across the blocks), become int8 per channel
