@@ -25,14 +25,14 @@ BACKEND_DEFAULTS = {
 
 
 CLI_ALIASES = {"tp_size": ("--tensor-parallel-size",)}  # SGLang's other names for the same flag
-QUANTIZATIONS = ("auto", "none", "int8", "fp8", "gguf")  # weights/quantization.py
+QUANTIZATIONS = ("auto", "none", "int8", "w8a16", "fp8", "gguf")  # weights/quantization.py
 
 
 @dataclasses.dataclass
 class ServerArgs:
     model_path: str | None = None  # HF dir, .gguf, converted dir; None = bundled SmolLM2
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU/TPU
-    quantization: str = "auto"  # auto | none | int8 | fp8 | gguf: weights stored quantized (weights/quantization.py)
+    quantization: str = "auto"  # auto | none | int8 | w8a16 | fp8 | gguf: weights stored quantized (weights/quantization.py)
     tp_size: int = 1
     page_size: int = 16
     max_total_tokens: int | None = None  # KV pool size in tokens; default from mem_fraction_static

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per concurrency; the best is reported")
     parser.add_argument("--model-path", default=None)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--quantization", default="none", help="none | int8 | fp8 | gguf (weights/quantization.py)")
+    parser.add_argument("--quantization", default="none", help="none | int8 | w8a16 | fp8 | gguf (weights/quantization.py)")
     parser.add_argument("--url", default=None, help="an OpenAI-compatible server to measure instead")
     parser.add_argument("--model", default="default", help="the model name to send with --url")
     parser.add_argument("--engine-src", default=None, help="import jaxserve from this checkout instead")

@@ -1,5 +1,6 @@
 """Weight-only quantization (models/quant.py): each format's matmul against its dequantized
-reference in float64, the quantization error bound, and the quantized embedding / LM head."""
+reference in float64 (on the activation rounded to the format's dot dtype, if it has one),
+the quantization error bound, and the quantized embedding / LM head."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,11 @@ def _random_params(fmt, din, dout, rng) -> dict:
     if fmt.offset:
         p["offset"] = (rng.standard_normal((groups, dout)) * 0.05).astype(np.float32)
     return p
+
+
+def _dot_input64(x: np.ndarray, fmt) -> np.ndarray:
+    """The activation as the format's dots see it: rounded to its dot dtype (w8a16: bfloat16)."""
+    return np.asarray(jnp.asarray(x).astype(fmt.dot_dtype) if fmt.dot_dtype else x, np.float64)
 
 
 def _dequantize64(p: dict) -> np.ndarray:
@@ -49,7 +55,7 @@ def test_quantized_matmul_equals_dequantized_reference(name, bias, seed):
     if bias:
         layer.bias[...] = jnp.asarray(b)
     x = rng.standard_normal((tokens, din)).astype(np.float32)
-    ref = x.astype(np.float64) @ _dequantize64(p) + (b if bias else 0)
+    ref = _dot_input64(x, fmt) @ _dequantize64(p) + (b if bias else 0)
     y = layer(jnp.asarray(x))
     assert y.dtype == jnp.float32 and y.shape == (tokens, dout)
     out = np.asarray(y, np.float64)
@@ -75,7 +81,7 @@ def test_quantization_error_bound(name, seed):
 
 
 @pytest.mark.parametrize("seed", [SEED])
-@pytest.mark.parametrize("name", ["int8", "fp8"])
+@pytest.mark.parametrize("name", ["int8", "w8a16", "fp8"])
 def test_quantized_embedding_and_tied_head(name, seed):
     fmt = quant.FORMATS[name]
     rng = np.random.default_rng(seed)
@@ -87,7 +93,7 @@ def test_quantized_embedding_and_tied_head(name, seed):
     ids = rng.integers(0, vocab, size=9)
     np.testing.assert_allclose(np.asarray(embed(jnp.asarray(ids))), table[ids], rtol=1e-6)
     h = rng.standard_normal((4, hidden)).astype(np.float32)
-    ref = h.astype(np.float64) @ table.T
+    ref = _dot_input64(h, fmt) @ table.T
     np.testing.assert_allclose(np.asarray(embed.attend(jnp.asarray(h))), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 

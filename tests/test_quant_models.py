@@ -57,7 +57,7 @@ def test_gguf_blocks_load_quantized(tiny_gguf):
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8", "gguf"])
+@pytest.mark.parametrize("fmt", ["int8", "w8a16", "fp8", "gguf"])
 def test_engine_greedy_invariant_within_format(fmt, tiny_dir, tiny_gguf, prompts):
     path = tiny_gguf if fmt == "gguf" else tiny_dir
     e = make_engine(path, quantization=fmt, chunked_prefill_size=32, max_prefill_tokens=64)

@@ -10,6 +10,11 @@ the only full-precision operand is the activation. Grouped formats (GGUF's block
 dequantize one matrix, then multiply. XLA on CPU converts the narrow weight into a
 temporary of one matrix before its dot (the whole model is never materialised; see
 docs/BENCHMARKS.md for what that costs); on GPUs XLA's Triton GEMM emitter fuses the convert.
+
+A format with a `dot_dtype` runs its dots on operands of that dtype, accumulating in
+float32, whatever the activations' dtype: `w8a16` is `int8` with the activation rounded to
+bfloat16 at each dot (int8 codes are exact in bfloat16). The residual stream, the norms and
+attention stay in `--dtype`; on CPUs with bfloat16 dot instructions this is the fast path.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class QuantFormat:
     group: int = 0  # input rows per scale; 0 = one scale per output channel
     offset: bool = False  # affine (scale and offset) rather than symmetric
     qmax: float = 127.0  # largest |q| of a symmetric format
+    dot_dtype: object = None  # the dots' operand dtype (None: the activation's)
 
     @property
     def bits(self) -> int:
@@ -41,10 +47,12 @@ class QuantFormat:
 # --quantization int8 / fp8: per output channel, symmetric.
 INT8 = QuantFormat("int8", np.dtype(np.int8))
 FP8 = QuantFormat("fp8", np.dtype(ml_dtypes.float8_e4m3fn), qmax=448.0)
+# --quantization w8a16: the int8 weights, dots on bfloat16 operands with float32 accumulation.
+W8A16 = QuantFormat("w8a16", np.dtype(np.int8), dot_dtype=jnp.bfloat16)
 # GGUF blocks kept as they are (weights/gguf_quant.py): Q8_0, and Q4_0 / Q4_1 / Q4_K as 4-bit affine.
 Q8_0 = QuantFormat("q8_0", np.dtype(np.int8), group=32)
 Q4 = QuantFormat("q4", np.dtype(np.uint8), group=32, offset=True)
-FORMATS = {f.name: f for f in (INT8, FP8, Q8_0, Q4)}
+FORMATS = {f.name: f for f in (INT8, FP8, W8A16, Q8_0, Q4)}
 
 
 def quantize(w: np.ndarray, fmt: QuantFormat) -> dict[str, np.ndarray]:
@@ -71,8 +79,9 @@ def dequantize(p: dict, dtype=jnp.float32):
     return w.reshape(shape).astype(dtype)
 
 
-def _apply(x, p: dict, contract: str):
+def _apply(x, p: dict, contract: str, dot_dtype=None):
     """x @ W for a quantized W; `contract` is the einsum of x and the [in, out] or [out, in] weight."""
+    x = x.astype(dot_dtype or x.dtype)
     if p["scale"].shape[-2] == 1 and "offset" not in p:  # per channel: scale after the dot
         y = jnp.einsum(contract, x, p["kernel"].astype(x.dtype), preferred_element_type=jnp.float32)
         return y * p["scale"][0]
@@ -91,12 +100,13 @@ class QuantLinear(nnx.Module):
             self.offset = nnx.Param(jnp.zeros((groups, dout), jnp.float32))
         if use_bias:
             self.bias = nnx.Param(jnp.zeros((dout,), dtype))
+        self.dot_dtype = fmt.dot_dtype
 
     def __call__(self, x):
         p = {"kernel": self.kernel[...], "scale": self.scale[...]}
         if hasattr(self, "offset"):
             p["offset"] = self.offset[...]
-        y = _apply(x, p, "...i,io->...o")
+        y = _apply(x, p, "...i,io->...o", self.dot_dtype)
         if hasattr(self, "bias"):
             y = y + self.bias[...]
         return y.astype(x.dtype)
@@ -109,6 +119,7 @@ class QuantEmbed(nnx.Module):
         self.embedding = nnx.Param(_INIT(rngs.params(), (vocab, hidden), jnp.float32).astype(fmt.dtype))
         self.scale = nnx.Param(jnp.ones((vocab, 1), jnp.float32))
         self.dtype = dtype
+        self.dot_dtype = fmt.dot_dtype
 
     def __call__(self, ids):
         rows = self.embedding[...][ids].astype(jnp.float32) * self.scale[...][ids]
@@ -123,6 +134,7 @@ class QuantEmbed(nnx.Module):
         table = self.embedding[...]
         vocab, dim = table.shape
         blocks = _row_blocks(vocab) if jax.default_backend() == "cpu" else 1
+        hidden = hidden.astype(self.dot_dtype or hidden.dtype)
 
         def block(rows):
             return jnp.einsum("nh,vh->nv", hidden, rows.astype(hidden.dtype), preferred_element_type=jnp.float32)
