@@ -331,3 +331,20 @@ def test_update_output_counts():
     expected = np.zeros((4, 10), np.int32)
     expected[1, 5], expected[2, 5], expected[0, 9] = 2, 1, 1
     np.testing.assert_array_equal(counts, expected)
+
+
+@pytest.mark.parametrize("vocab", [1000, 1024, 49152])
+def test_first_argmax_equals_numpy_argmax(vocab):
+    """The two-level argmax picks the first column of the row maximum, as np.argmax does:
+    random rows, rows with ties (coarse values), rows with -inf, and a vocab that is not a
+    multiple of the block."""
+    from jaxserve.sampling.sampler import first_argmax
+
+    rng = np.random.default_rng()
+    rows = np.concatenate([
+        rng.standard_normal((6, vocab)),
+        rng.integers(0, 3, (6, vocab)).astype(np.float64),  # many ties at the maximum
+        np.where(rng.random((4, vocab)) < 0.9, -np.inf, rng.standard_normal((4, vocab))),
+    ]).astype(np.float32)
+    rows[-1] = -np.inf  # every token masked: index 0, like np.argmax
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(rows)), np.argmax(rows, axis=-1))

@@ -106,10 +106,12 @@ class Sampled:
         return packed[0], packed[1].view(np.float32), top, packed[2]
 
 
-def _top_logprobs(log_probs, want_top):
-    rows = log_probs.shape[0]
+def _top_logprobs(logits, want_top):
+    """The MAX_TOP_LOGPROBS best log-softmax entries of each row of `logits` [S, V]; the
+    log-softmax is built only when some row wants them (zeros otherwise)."""
+    rows = logits.shape[0]
     return jax.lax.cond(
-        want_top, lambda: tuple(jax.lax.top_k(log_probs, MAX_TOP_LOGPROBS)),
+        want_top, lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), MAX_TOP_LOGPROBS)),
         lambda: (jnp.zeros((rows, MAX_TOP_LOGPROBS), jnp.float32), jnp.zeros((rows, MAX_TOP_LOGPROBS), jnp.int32)))
 
 
@@ -226,10 +228,9 @@ class ModelRunner:
                                               state.logit_bias[rows])
 
             any_adjust = jnp.any(adjust)
-            out = sampling.sample(logits, batch, adjusted=jax.lax.cond(any_adjust, adjusted, lambda: logits),
-                                  allowed_mask=allowed)
+            out = sampling.sample(logits, batch, adjusted=adjusted, allowed_mask=allowed, adjusting=any_adjust)
             want_top = jnp.any((state.ints[rows, WANT_TOP] > 0) & emit)
-            top_lp, top_ids = _top_logprobs(jax.nn.log_softmax(logits, axis=-1), want_top)
+            top_lp, top_ids = _top_logprobs(logits, want_top)
             written = jnp.where(emit, rows, 0)  # rows that did not sample write to the dummy row
             counts = jax.lax.cond(
                 any_adjust,
@@ -249,9 +250,9 @@ class ModelRunner:
 
         def input_logprobs(params, hidden, positions, targets, want_top):
             model = nnx.merge(graphdef, jax.tree.unflatten(self.param_treedef, params))
-            log_probs = jax.nn.log_softmax(model.logits(hidden[positions]), axis=-1)  # [L, V]
-            chosen = jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
-            top_lp, top_ids = _top_logprobs(log_probs, want_top)
+            logits = model.logits(hidden[positions])  # [L, V]
+            chosen = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[:, None], axis=-1)[:, 0]
+            top_lp, top_ids = _top_logprobs(logits, want_top)
             return self._constrain((chosen, top_ids, top_lp))
 
         return jax.jit(input_logprobs)

@@ -193,39 +193,80 @@ def adjust_logits(
 def sample(
     logits: jax.Array,  # [B, V] f32 raw model logits
     batch: SamplingBatch,
-    adjusted: jax.Array | None = None,  # [B, V] logits after `adjust_logits`; None = raw logits
+    adjusted=None,  # [B, V] logits after `adjust_logits`, or a function returning them; None = raw logits
     allowed_mask: jax.Array | None = None,  # [B, ceil(V/32)] u32, bit set = allowed
     top_logprobs_num: int = 0,  # static
+    adjusting: jax.Array | None = None,  # bool []: whether `adjusted` differs from the raw logits
 ) -> SampleOutput:
-    """Pick the next token of every row and report raw-logit logprobs (jittable)."""
+    """Pick the next token of every row and report raw-logit logprobs (jittable).
+
+    Adjusting, blocking stop ids and masking each make a new [B, V] array (~1 ms each on a
+    CPU at B = 32), so they run in one branch taken only when some row needs one of them;
+    `adjusted` as a function is called only there. The branch returns tokens, not logits."""
     logits = logits.astype(jnp.float32)
     num_rows, vocab = logits.shape
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
-    x = logits if adjusted is None else adjusted.astype(jnp.float32)
+    if adjusting is None:
+        adjusting = jnp.asarray(adjusted is not None)
 
     # Stop ids may not end a sequence before min_new_tokens: point inactive or padding
     # (-1) entries past the vocab so mode="drop" skips them (negative ids would wrap).
     blocking = (batch.num_generated < batch.min_new_tokens)[:, None] & (batch.stop_ids >= 0)
     stop_cols = jnp.where(blocking, batch.stop_ids, vocab)  # [B, S]
-    x = x.at[jnp.arange(num_rows)[:, None], stop_cols].set(-jnp.inf, mode="drop")
-
+    masking = jnp.asarray(False)
     if allowed_mask is not None:
-        x = jnp.where(_unpack_bitmask(allowed_mask, vocab), x, -jnp.inf)
+        words = allowed_mask.view(jnp.int32) if allowed_mask.dtype == jnp.uint32 else allowed_mask
+        masking = jnp.any(words != -1)
 
-    greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
-    tokens = jax.lax.cond(
+    def modified():
+        x = logits if adjusted is None else (adjusted() if callable(adjusted) else adjusted).astype(jnp.float32)
+        x = x.at[jnp.arange(num_rows)[:, None], stop_cols].set(-jnp.inf, mode="drop")
+        if allowed_mask is not None:
+            x = jnp.where(_unpack_bitmask(allowed_mask, vocab), x, -jnp.inf)
+        return _pick(x, batch)
+
+    tokens = jax.lax.cond(adjusting | jnp.any(blocking) | masking, modified, lambda: _pick(logits, batch))
+
+    # log_softmax at the chosen tokens only: the full [B, V] one is built only for top logprobs.
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    chosen_logprobs = chosen - jax.nn.logsumexp(logits, axis=-1)
+    if top_logprobs_num > 0:
+        top_logprobs, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), top_logprobs_num)
+    else:
+        top_logprobs = jnp.zeros((num_rows, 0), jnp.float32)
+        top_ids = jnp.zeros((num_rows, 0), jnp.int32)
+    return SampleOutput(tokens, chosen_logprobs, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def _pick(x: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """Greedy argmax for temperature-0 rows, a draw for the others (skipped when none draws)."""
+    greedy_tokens = first_argmax(x)
+    return jax.lax.cond(
         jnp.all(batch.temperature <= 0),
         lambda: greedy_tokens,
         lambda: jnp.where(batch.temperature > 0, _draw(x, batch), greedy_tokens),
     )
 
-    chosen_logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    if top_logprobs_num > 0:
-        top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, top_logprobs_num)
-    else:
-        top_logprobs = jnp.zeros((num_rows, 0), jnp.float32)
-        top_ids = jnp.zeros((num_rows, 0), jnp.int32)
-    return SampleOutput(tokens, chosen_logprobs, top_ids.astype(jnp.int32), top_logprobs)
+
+def first_argmax(x: jax.Array, block: int = 512) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` (the first index of the row maximum) for rows without NaN.
+
+    In two levels: the maximum of each block of `block` columns, then the first block that
+    holds the row's maximum, then the first column in it. Only the first level reads all of
+    x, as one plain reduction: XLA's CPU backend runs argmax's (value, index) reduction
+    scalar, 3.5 ms on [32, 49152] (docs/BENCHMARKS.md, "Quantized weights")."""
+    rows, cols = x.shape
+    pad = -cols % block
+    blocks = jnp.pad(x, ((0, 0), (0, pad)), constant_values=-jnp.inf).reshape(rows, -1, block)
+    block_max = blocks.max(axis=-1)  # [B, blocks]
+    top = block_max.max(axis=-1, keepdims=True)
+    first = _first_true(block_max == top)  # [B]
+    inside = jnp.take_along_axis(blocks, first[:, None, None], axis=1)[:, 0]  # [B, block]
+    return first * block + _first_true(inside == top)
+
+
+def _first_true(mask: jax.Array) -> jax.Array:
+    """The index of the first True of each row of `mask` [B, N] (N when there is none)."""
+    return jnp.min(jnp.where(mask, jnp.arange(mask.shape[-1], dtype=jnp.int32), mask.shape[-1]), axis=-1)
 
 
 def update_output_counts(
