@@ -201,8 +201,8 @@ def sample(
     """Pick the next token of every row and report raw-logit logprobs (jittable).
 
     Adjusting, blocking stop ids and masking each make a new [B, V] array (~1 ms each on a
-    CPU at B = 32), so they run in one branch taken only when some row needs one of them;
-    `adjusted` as a function is called only there. The branch returns tokens, not logits."""
+    CPU at B = 32), so they run only in branches taken when some row needs one of them;
+    `adjusted` as a function is called only there. The branches return tokens, not logits."""
     logits = logits.astype(jnp.float32)
     num_rows, vocab = logits.shape
     if adjusting is None:
@@ -217,14 +217,23 @@ def sample(
         words = allowed_mask.view(jnp.int32) if allowed_mask.dtype == jnp.uint32 else allowed_mask
         masking = jnp.any(words != -1)
 
-    def modified():
+    def ruled():  # the logits the rules leave: adjusted, stop ids blocked, masked
         x = logits if adjusted is None else (adjusted() if callable(adjusted) else adjusted).astype(jnp.float32)
         x = x.at[jnp.arange(num_rows)[:, None], stop_cols].set(-jnp.inf, mode="drop")
         if allowed_mask is not None:
             x = jnp.where(_unpack_bitmask(allowed_mask, vocab), x, -jnp.inf)
-        return _pick(x, batch)
+        return x
 
-    tokens = jax.lax.cond(adjusting | jnp.any(blocking) | masking, modified, lambda: _pick(logits, batch))
+    ruling = adjusting | jnp.any(blocking) | masking
+
+    def greedy():
+        return jax.lax.cond(ruling, lambda: first_argmax(ruled()), lambda: first_argmax(logits))
+
+    def drawing():  # the ruled logits' [B, V] copy only when some row samples
+        x = jax.lax.cond(ruling, ruled, lambda: logits)
+        return jnp.where(batch.temperature > 0, _draw(x, batch), first_argmax(x))
+
+    tokens = jax.lax.cond(jnp.all(batch.temperature <= 0), greedy, drawing)
 
     # log_softmax at the chosen tokens only: the full [B, V] one is built only for top logprobs.
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
@@ -235,16 +244,6 @@ def sample(
         top_logprobs = jnp.zeros((num_rows, 0), jnp.float32)
         top_ids = jnp.zeros((num_rows, 0), jnp.int32)
     return SampleOutput(tokens, chosen_logprobs, top_ids.astype(jnp.int32), top_logprobs)
-
-
-def _pick(x: jax.Array, batch: SamplingBatch) -> jax.Array:
-    """Greedy argmax for temperature-0 rows, a draw for the others (skipped when none draws)."""
-    greedy_tokens = first_argmax(x)
-    return jax.lax.cond(
-        jnp.all(batch.temperature <= 0),
-        lambda: greedy_tokens,
-        lambda: jnp.where(batch.temperature > 0, _draw(x, batch), greedy_tokens),
-    )
 
 
 def first_argmax(x: jax.Array, block: int = 512) -> jax.Array:
