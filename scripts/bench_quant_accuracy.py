@@ -7,6 +7,10 @@ distribution is compared with float32's (the Q4_1 GGUF dequantized): mean KL(f32
 in nats and top-1 agreement. Then each chat of the engine tests is decoded greedily
 (24 tokens) and compared token by token with float32: the share of tokens before the
 first difference, and whether the reply still contains the expected answer.
+
+`--batch-invariance N` also runs each format in an engine: N prompts of random tokens
+decode 24 greedy tokens each alone (cache flushed between them), then all together, and
+the table counts the prompts whose tokens are the same both ways.
 """
 
 from __future__ import annotations
@@ -56,6 +60,25 @@ def compare(ref, model, ref_logp: list[np.ndarray], ref_greedy: list[list[int]],
             "answered": f"{answered}/{len(CHATS)}"}
 
 
+def batch_invariance(dtype: str, quantization: str, count: int) -> str:
+    """How many of `count` random prompts decode the same greedy tokens alone and batched."""
+    import jaxserve
+
+    engine = jaxserve.Engine(None, dtype=dtype, quantization=quantization, log_level="warning")
+    try:
+        rng = np.random.default_rng()
+        batch = [rng.integers(100, 40000, size=int(rng.integers(5, 40))).tolist() for _ in range(count)]
+        params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+        alone = []
+        for ids in batch:
+            engine.flush_cache()
+            alone.append(engine.generate(input_ids=ids, sampling_params=params)["output_ids"])
+        together = [r["output_ids"] for r in engine.generate(input_ids=batch, sampling_params=params)]
+        return f"{sum(a == b for a, b in zip(alone, together))}/{count}"
+    finally:
+        engine.shutdown()
+
+
 def main(argv: list[str] | None = None) -> None:
     from jaxserve.weights import load
 
@@ -63,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--formats", nargs="+", default=["float32:int8", "float32:fp8", "float32:gguf",
                                                          "bfloat16:none"])
     parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--batch-invariance", type=int, default=0, metavar="N",
+                        help="also count, of N random prompts, those decoding the same alone and batched")
     parser.add_argument("--quick", action="store_true", help="one format, 4 tokens (the test suite)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -70,14 +95,16 @@ def main(argv: list[str] | None = None) -> None:
     ref = load(None, dtype="float32")
     ref_logp = [log_softmax(ref.logits(ids)) for ids in prompts(ref.tokenizer)]
     ref_greedy = [ref.generate_greedy(ids, args.new_tokens) for ids in prompts(ref.tokenizer)[:len(CHATS)]]
+    extra = ("", "") if not args.batch_invariance else (" same alone and batched |", "---|")
     print("| format | mean KL (nats) | top-1 agreement | greedy tokens before the first difference | "
-          "chats answered |")
-    print("|---|---|---|---|---|")
+          f"chats answered |{extra[0]}")
+    print(f"|---|---|---|---|---|{extra[1]}")
     for fmt in args.formats:
         dtype, quantization = fmt.split(":")
         r = compare(ref, load(None, dtype=dtype, quantization=quantization), ref_logp, ref_greedy, args.new_tokens)
+        same = f" {batch_invariance(dtype, quantization, args.batch_invariance)} |" if args.batch_invariance else ""
         print(f"| {fmt} | {r['kl']:.4f} | {r['top1']:.3f} ({r['positions']} positions) | "
-              f"{100 * r['greedy_prefix']:.0f}% | {r['answered']} |", flush=True)
+              f"{100 * r['greedy_prefix']:.0f}% | {r['answered']} |{same}", flush=True)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def test_gguf_blocks_load_quantized(tiny_gguf):
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
 
 
+# w8a16 is not batch-invariant on the real model (bfloat16 rounding magnifies last-bit
+# differences; docs/BENCHMARKS.md counts it); on this tiny model it held in every run (6 of 6).
 @pytest.mark.parametrize("fmt", ["int8", "w8a16", "fp8", "gguf"])
 def test_engine_greedy_invariant_within_format(fmt, tiny_dir, tiny_gguf, prompts):
     path = tiny_gguf if fmt == "gguf" else tiny_dir

@@ -9,7 +9,8 @@
     fp8    the same in float8 e4m3 (on CPU XLA emulates it; for GPUs that have it)
     w8a16  the int8 weights, with each dot on bfloat16 operands (the activation rounded to
            bfloat16 there, float32 accumulation): on CPUs with bfloat16 dot instructions
-           1.25x / 1.5x int8's dots at 8 / 32 rows
+           1.25x / 1.5x int8's dots at 8 / 32 rows; its greedy output can depend on the
+           batch (bfloat16 rounding magnifies last-bit differences between batch shapes)
     gguf   a GGUF's Q8_0 / Q4_0 / Q4_1 / Q4_K weights kept as they are in the file (blocks of
            32); a projection whose layers mix types, or use another type, and the embedding and
            LM head (whose dot runs across the blocks), become int8 per channel
